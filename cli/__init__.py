@@ -1,0 +1,1 @@
+"""The `lvr` command line: one thin module per subcommand."""

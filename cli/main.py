@@ -1,0 +1,50 @@
+"""The `lvr` command: a registry of subcommands, one thin module each.
+
+Subcommand modules are imported here but keep their heavy imports (numpy,
+PyAV, torch) inside the command functions, so `lvr --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from . import segment
+
+app = typer.Typer(
+    name="lvr",
+    help=(
+        "LongVideo-R1, end to end: cut long videos into a clip tree, caption it, "
+        "and answer questions by navigating it.\n\n"
+        "Every step reads and writes JSONL, so steps chain in a shell or a Makefile.\n\n"
+        "Examples:\n\n"
+        "  lvr segment movie.mp4 -o nodes.jsonl\n\n"
+        "  lvr segment videos/ '*.mkv' --qa-frames -o nodes.jsonl\n\n"
+        "  lvr segment --help"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+# The registry: one entry per built subcommand.
+COMMANDS = {
+    "segment": segment.segment_command,
+}
+for _name, _func in COMMANDS.items():
+    app.command(_name)(_func)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lvr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """LongVideo-R1, end to end."""
