@@ -84,7 +84,7 @@ def _error(path, reason) -> SubtitleError:
 
 # Hours are optional (WebVTT allows mm:ss.ttt); the fraction may use "," (SRT)
 # or "." (VTT, and many sloppy SRT files) and may be missing or short.
-_TS = r"(?:(\d+):)?(\d{1,2}):(\d{1,2})(?:[.,](\d{1,3}))?"
+_TS = r"(?:(\d+):)?(\d+):(\d{1,2})(?:[.,](\d{1,3}))?"
 # The lookahead stops "00:00:01,0000" from half-matching; anything after the
 # second timestamp (VTT cue settings, SRT X1/Y1 coordinates) is ignored.
 _TIMING_RE = re.compile(r"^\s*" + _TS + r"\s*-->\s*" + _TS + r"(?=\s|$)")
