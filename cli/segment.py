@@ -74,6 +74,7 @@ def segment_command(
     """
     from ..prep.cache import frames_dir, resolve_cache_dir
     from ..prep.frames import FrameStore
+    from ..prep.jsonl import RecordError
     from ..prep.segment import SegmentOptions, segment_videos
     from ..prep.tree import TreeOptions
 
@@ -92,7 +93,10 @@ def segment_command(
                              jpeg_quality=jpeg_quality)
     store = FrameStore(frames_dir(resolve_cache_dir(cache_dir)))
     log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr segment: {msg}"))
-    summary = segment_videos(videos, options, store, output, log=log, progress=not quiet)
+    try:
+        summary = segment_videos(videos, options, store, output, log=log, progress=not quiet)
+    except RecordError as e:  # the output itself is unusable (e.g. locked by another run)
+        raise fail_usage(str(e))
     for err in summary.failed:
         if quiet:  # errors are always named, even when quiet
             say(f"lvr segment: error: {err}")
