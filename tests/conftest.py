@@ -11,6 +11,9 @@ import pytest
 
 MEDIA_DIR = Path(__file__).resolve().parents[2] / "shared" / "media"
 BITS = 16  # frame-number videos draw 16 bits, least significant on the left
+# B-frames (some of them non-reference) exercise the decoder's frame skipping.
+X264_WITH_B_FRAMES = ("-c:v", "libx264", "-preset", "veryfast", "-bf", "3", "-crf", "12",
+                      "-g", "25", "-pix_fmt", "yuv420p")
 
 
 def ffmpeg(*args: str) -> None:
@@ -27,8 +30,7 @@ def frame_number_filter(width: int, fps: float, duration: float) -> str:
 def make_frame_number_video(path: Path, *, width: int = 128, fps: float = 10, duration: float = 12,
                             extra_filters: str = "", extra_args: tuple[str, ...] = ()) -> Path:
     vf = frame_number_filter(width, fps, duration) + (f",{extra_filters}" if extra_filters else "")
-    ffmpeg("-f", "lavfi", "-i", vf, "-c:v", "libx264", "-preset", "ultrafast", "-crf", "12",
-           "-g", "25", "-pix_fmt", "yuv420p", *extra_args, str(path))
+    ffmpeg("-f", "lavfi", "-i", vf, *X264_WITH_B_FRAMES, *extra_args, str(path))
     return path
 
 
@@ -56,8 +58,7 @@ def numbered_video(video_dir) -> Path:
     if not path.exists():
         vf = frame_number_filter(320, 10, 12)
         ffmpeg("-f", "lavfi", "-i", vf, "-f", "lavfi", "-i", "sine=frequency=440:duration=12",
-               "-c:v", "libx264", "-preset", "ultrafast", "-crf", "12", "-g", "25",
-               "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path))
+               *X264_WITH_B_FRAMES, "-c:a", "aac", "-shortest", str(path))
     return path
 
 
