@@ -161,7 +161,7 @@ def run_baseline(info: VideoInfo, tree, store_root: Path,
                     continue
                 if index in wanted:
                     wanted.discard(index)
-                    for s, data in lvr_frames._encode(frame, info, [side], options.jpeg_quality):
+                    for s, data in lvr_frames.encode_frame(frame, info, [side], options.jpeg_quality):
                         store.put(lvr_frames.frame_key(info.video_id, index, s), data)
                         written += 1
                 if not wanted or index >= last:

@@ -96,7 +96,8 @@ def output_size(info: VideoInfo, side: int) -> tuple[int, int]:
     return max(1, round(dw * side / dh)), side
 
 
-def _encode(frame, info: VideoInfo, sides: list[int], quality: int) -> list[tuple[int, bytes]]:
+def encode_frame(frame, info: VideoInfo, sides: list[int], quality: int) -> list[tuple[int, bytes]]:
+    """Resize a decoded frame to each longest side, turn it upright, JPEG-encode it."""
     from PIL import Image
 
     out = []
@@ -155,7 +156,7 @@ def extract_frames(
     pending: list[Future] = []
 
     def store_frame(frame, index: int) -> int:
-        for side, data in _encode(frame, info, sorted(want[index]), quality):
+        for side, data in encode_frame(frame, info, sorted(want[index]), quality):
             store.put(frame_key(info.video_id, index, side), data)
         if on_progress:
             on_progress(len(want[index]))
