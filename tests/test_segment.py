@@ -352,3 +352,30 @@ def test_clips_are_written_and_recorded(numbered_video, tmp_path, cache_dir):
         clip = r["clip"]
         assert Path(clip["path"]).is_file() and clip["exact"] is True
         assert (clip["start"], clip["end"]) == pytest.approx((r["start"], r["end"]), abs=1e-3)
+
+
+def test_directories_and_globs_expand(video_dir, tmp_path, cache_dir):
+    videos = _numbered_batch(video_dir, 2)
+    folder = tmp_path / "nested" / "deeper"
+    folder.mkdir(parents=True)
+    shutil.copy(videos[0], folder / "a.mp4")
+    (folder / "notes.txt").write_text("not a video, and not picked up from a folder")
+    pattern = str(video_dir / "batch_1.mp*")  # quoted glob: lvr expands it
+    proc = run_lvr("segment", tmp_path / "nested", pattern, str(tmp_path / "none_*.mp4"),
+                   "--cache-dir", cache_dir, "-o", tmp_path / "n.jsonl")
+    assert proc.returncode == 1  # the glob that matches nothing is named
+    assert "none_*.mp4: pattern matches no files" in proc.stderr
+    paths = {r["path"] for r in load(tmp_path / "n.jsonl")}
+    assert paths == {str((folder / "a.mp4").resolve()), str(videos[1].resolve())}
+
+
+def test_copy_clips_record_real_cut_points(numbered_video, tmp_path, cache_dir):
+    out = tmp_path / "nodes.jsonl"
+    proc = run_lvr("segment", numbered_video, "-o", out, "--cache-dir", cache_dir,
+                   "--clips", tmp_path / "clips", "--copy")
+    assert proc.returncode == 0, proc.stderr
+    leaves = [r for r in load(out) if r["level"] == "low"]
+    assert all(r["clip"]["exact"] is False for r in leaves)
+    # Keyframe cuts cover the leaf, so they start at or before it and end at or after it.
+    assert all(r["clip"]["start"] <= r["start"] + 1e-6 and r["clip"]["end"] >= r["end"] - 1e-6 for r in leaves)
+    assert any(r["clip"]["start"] < r["start"] for r in leaves)  # a GOP is 25 frames: some cuts move
