@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import segment
+from . import caption, segment
 
 app = typer.Typer(
     name="lvr",
@@ -20,6 +20,7 @@ app = typer.Typer(
         "Examples:\n\n"
         "  lvr segment movie.mp4 -o nodes.jsonl\n\n"
         "  lvr segment videos/ '*.mkv' --qa-frames -o nodes.jsonl\n\n"
+        "  lvr caption nodes.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct -o captions.jsonl\n\n"
         "  lvr segment --help"
     ),
     no_args_is_help=True,
@@ -31,6 +32,7 @@ app = typer.Typer(
 # The registry: one entry per built subcommand.
 COMMANDS = {
     "segment": segment.segment_command,
+    "caption": caption.caption_command,
 }
 for _name, _func in COMMANDS.items():
     app.command(_name)(_func)

@@ -20,7 +20,7 @@ def test_help_lists_built_commands_with_examples():
     assert proc.returncode == 0
     assert "segment" in proc.stdout and "Examples" in proc.stdout
     # Subcommands not built yet are absent, not stubs.
-    for absent in ("caption", "synthesize", " rl "):
+    for absent in ("synthesize", " sft ", " rl "):
         assert absent not in proc.stdout.split("Commands")[-1]
 
 

@@ -1,0 +1,348 @@
+"""Captioning tree nodes: the prompt, the reply parser, and the lazy captioner.
+
+The captioner sees a node's sampled frames in time order, each preceded by its
+timestamp and the subtitle lines shown while it is on screen, and is asked
+for a caption wrapped in <caption> tags (about 200 words for a low node, 400
+for medium and high). The system prompt can be replaced from a file; its hash
+goes into every caption key and record, because a checkpoint answers best
+with the prompt it was trained on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .caption_store import CaptionKey, CaptionStore
+from .frames import FrameStore
+from .models.base import ChatModel, Completion, GenerationOptions, Message, Usage, image_part, text_part
+
+CAPTION_SCHEMA = "lvr.caption/1"
+# Bump when the user-message layout below changes: it is part of the prompt hash.
+USER_TEMPLATE_VERSION = "1"
+
+DEFAULT_SYSTEM_PROMPT = """\
+You write captions for clips of a long video. Another model will later read \
+only your captions, never the video, to decide where in the video to look for \
+the answer to a question. So be concrete and faithful to what is visible.
+
+Cover, in time order: the setting, the people (appearance, clothing, what \
+they do), objects and any readable on-screen text, actions and events, and \
+changes between frames. Refer to moments by their timestamps. If subtitles \
+are given, use them to say what is said, and by whom when that is clear. Do \
+not guess at what cannot be seen or heard, and do not mention these \
+instructions.
+
+Reply with the caption only, inside <caption></caption> tags."""
+
+WORD_LIMITS = {"low": 200, "medium": 400, "high": 400}
+_CAPTION_RE = re.compile(r"<caption>(.*?)(?:</caption>|$)", re.S | re.I)
+_THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
+
+
+class CaptionError(Exception):
+    """A node could not be captioned. One line naming the node and the reason."""
+
+
+def load_system_prompt(path: "str | Path | None") -> str:
+    if path is None:
+        return DEFAULT_SYSTEM_PROMPT
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise CaptionError(f"{path}: cannot read the system prompt ({e.strerror})") from None
+    if not text:
+        raise CaptionError(f"{path}: the system prompt file is empty")
+    return text
+
+
+def prompt_hash(system_prompt: str) -> str:
+    """Identifies the whole prompt: the system text and the user-message layout."""
+    h = hashlib.sha256(f"{USER_TEMPLATE_VERSION}\n{system_prompt}".encode()).hexdigest()
+    return h[:16]
+
+
+def format_time(seconds: float) -> str:
+    """12.3 -> '00:12.3'; 3725.5 -> '1:02:05.5'."""
+    seconds = max(0.0, float(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{int(h)}:{int(m):02d}:{s:04.1f}" if h >= 1 else f"{int(m):02d}:{s:04.1f}"
+
+
+def parse_caption(reply: str) -> str:
+    """The text inside <caption> tags; the whole reply when the model forgot them."""
+    text = _THINK_RE.sub("", reply or "").strip()
+    match = _CAPTION_RE.search(text)
+    caption = match.group(1) if match else text
+    return caption.strip()
+
+
+def frame_subtitles(node: dict) -> list[list[str]]:
+    """Per sampled frame, the subtitle lines on screen from it until the next sampled frame.
+
+    A line is listed at the first frame it overlaps only, so long lines are
+    not repeated frame after frame.
+    """
+    times = node.get("frame_times") or []
+    subs = node.get("subtitles") or []
+    out: list[list[str]] = [[] for _ in times]
+    used: set[int] = set()
+    for i, t in enumerate(times):
+        t_next = times[i + 1] if i + 1 < len(times) else node["end"]
+        for j, line in enumerate(subs):
+            if j not in used and line["start"] < t_next and line["end"] > t:
+                out[i].append(str(line["text"]))
+                used.add(j)
+    return out
+
+
+def build_caption_messages(node: dict, frames: list[bytes], system_prompt: str,
+                           use_subtitles: bool = True) -> list[Message]:
+    """The chat request for one node: timestamps, subtitles and frames, in order."""
+    level = node["level"]
+    times = node["frame_times"]
+    has_subs = use_subtitles and bool(node.get("subtitles"))
+    intro = (f"These are {len(frames)} frames sampled in order from a {level}-level clip of a "
+             f"video, from {format_time(node['start'])} to {format_time(node['end'])}. "
+             f"Each frame is preceded by its timestamp"
+             + (" and the subtitle lines shown from then until the next frame." if has_subs else "."))
+    parts: list[dict] = [text_part(intro)]
+    subs = frame_subtitles(node) if has_subs else [[] for _ in times]
+    for t, jpeg, lines in zip(times, frames, subs):
+        label = f"[{format_time(t)}]"
+        if lines:
+            label += " Subtitles: " + " / ".join(lines)
+        parts.append(text_part(label))
+        parts.append(image_part(jpeg))
+    words = WORD_LIMITS.get(level, 400)
+    parts.append(text_part(f"Describe this clip in about {words} words, "
+                           f"inside <caption></caption> tags."))
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": parts}]
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    use_subtitles: bool = True
+    max_tokens_low: int = 600
+    max_tokens_high: int = 1200   # medium and high
+    temperature: float = 0.0
+
+    def generation(self, level: str) -> GenerationOptions:
+        limit = self.max_tokens_low if level == "low" else self.max_tokens_high
+        return GenerationOptions(max_tokens=limit, temperature=self.temperature)
+
+
+@dataclass
+class CaptionResult:
+    node: dict
+    caption: str
+    cached: bool
+    usage: Usage = field(default_factory=Usage)
+    seconds: float = 0.0
+    model: str = ""
+    prompt_hash: str = ""
+
+    def to_record(self, producer: dict | None = None) -> dict:
+        n = self.node
+        rec = {
+            "schema": CAPTION_SCHEMA, "video_id": n["video_id"], "path": n.get("path"),
+            "K": n["K"], "level": n["level"], "id": list(n["id"]),
+            "start": n["start"], "end": n["end"],
+            "frame_indices": n.get("frame_indices", []), "frame_times": n.get("frame_times", []),
+            "caption": self.caption, "model": self.model, "prompt_hash": self.prompt_hash,
+            "cached": self.cached, "tokens": self.usage.to_record(),
+            "seconds": round(self.seconds, 3),
+        }
+        if producer is not None:
+            rec["producer"] = producer
+        return rec
+
+
+def node_label(node: dict) -> str:
+    ids = ", ".join(str(i) for i in node.get("id", []))
+    return f"{node.get('path') or node.get('video_id')} node ({ids})"
+
+
+class Captioner:
+    """Captions nodes through one model, reusing the shared caption store.
+
+    `get_or_make(node)` is what every step calls: a stored caption comes back
+    at once; otherwise the node's frames are read from the frame store, sent,
+    and the caption is stored before it is returned. Concurrent calls for the
+    same node make one request.
+    """
+
+    def __init__(self, model: ChatModel, store: CaptionStore, frames: FrameStore,
+                 options: CaptionOptions = CaptionOptions(), system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        self.model = model
+        self.store = store
+        self.frames = frames
+        self.options = options
+        self.system_prompt = system_prompt
+        self.prompt_hash = prompt_hash(system_prompt)
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    def key_for(self, node: dict) -> CaptionKey:
+        settings = CaptionKey.settings(frames=len(node.get("frame_indices", [])),
+                                       side=node.get("image_side"),
+                                       subtitles=bool(self.options.use_subtitles and node.get("subtitles")))
+        return CaptionKey(video_id=node["video_id"], level=node["level"], start=node["start"],
+                          end=node["end"], model=self.model.name, prompt_hash=self.prompt_hash,
+                          frame_settings=settings)
+
+    def cached(self, node: dict) -> CaptionResult | None:
+        entry = self.store.get(self.key_for(node))
+        if entry is None:
+            return None
+        return CaptionResult(node, entry.caption, True, model=self.model.name, prompt_hash=self.prompt_hash)
+
+    def _read_frames(self, node: dict) -> list[bytes]:
+        keys = node.get("frame_keys") or []
+        if not keys:
+            raise CaptionError(f"{node_label(node)}: the record lists no frames")
+        try:
+            return [self.frames.get(k) for k in keys]
+        except (OSError, ValueError) as e:
+            raise CaptionError(f"{node_label(node)}: frames missing from the frame store ({e}); "
+                               f"rerun `lvr segment` with the same --cache-dir") from None
+
+    async def _make(self, node: dict, key: CaptionKey) -> CaptionResult:
+        from .models.base import ModelError
+
+        t0 = time.perf_counter()
+        frames = await asyncio.to_thread(self._read_frames, node)
+        messages = build_caption_messages(node, frames, self.system_prompt, self.options.use_subtitles)
+        try:
+            reply: Completion = await self.model.complete(messages, self.options.generation(node["level"]))
+        except ModelError as e:
+            raise CaptionError(f"{node_label(node)}: {e}") from None
+        caption = parse_caption(reply.text)
+        if not caption:
+            raise CaptionError(f"{node_label(node)}: the model returned an empty caption")
+        seconds = time.perf_counter() - t0
+        meta = {"tokens": reply.usage.to_record(), "seconds": round(seconds, 3),
+                "finish_reason": reply.finish_reason, "created_at": time.time()}
+        self.store.put(key, tuple(node["id"]), caption, meta)
+        return CaptionResult(node, caption, False, reply.usage, seconds, self.model.name, self.prompt_hash)
+
+    async def get_or_make(self, node: dict) -> CaptionResult:
+        key = self.key_for(node)
+        entry = self.store.get(key)
+        if entry is not None:
+            return CaptionResult(node, entry.caption, True, model=self.model.name, prompt_hash=self.prompt_hash)
+        digest = key.digest()
+        if digest in self._inflight:  # someone is already asking for this node
+            result = await asyncio.shield(self._inflight[digest])
+            return CaptionResult(node, result.caption, True, model=result.model, prompt_hash=result.prompt_hash)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = fut
+        try:
+            result = await self._make(node, key)
+            fut.set_result(result)
+            return result
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[digest]
+
+
+# -- batches ------------------------------------------------------------------------
+
+NODE_FIELDS = ("video_id", "K", "level", "id", "start", "end", "frame_keys", "frame_times")
+
+
+def check_node_record(rec: dict, where: str) -> dict:
+    """A node record good enough to caption, or CaptionError naming the line."""
+    if rec.get("schema") != "lvr.node/1":
+        raise CaptionError(f"{where}: not an lvr.node/1 record (schema {rec.get('schema')!r})")
+    missing = [f for f in NODE_FIELDS if f not in rec]
+    if missing:
+        raise CaptionError(f"{where}: node record lacks {', '.join(missing)}")
+    if rec["level"] not in WORD_LIMITS:
+        raise CaptionError(f"{where}: unknown level {rec['level']!r}")
+    if not isinstance(rec["id"], list) or not all(isinstance(i, int) and i >= 1 for i in rec["id"]):
+        raise CaptionError(f"{where}: bad node id {rec['id']!r}")
+    return rec
+
+
+@dataclass
+class CaptionSummary:
+    made: int = 0
+    cached: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    seconds: float = 0.0
+    records: list[dict] = field(default_factory=list)
+
+
+async def caption_nodes(nodes, captioner: Captioner, writer, *, concurrency: int = 8,
+                        producer: dict | None = None, log=lambda msg: None,
+                        progress: bool = True) -> CaptionSummary:
+    """Caption (node record, where) pairs; one output record per node as it finishes.
+
+    Nodes already in the writer's file are skipped; nodes in the store are
+    written without a request. A failed node is named and the batch goes on.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    summary = CaptionSummary()
+    done = {(r.get("video_id"), tuple(r.get("id") or ()), r.get("model"), r.get("prompt_hash"))
+            for r in writer.existing}
+    todo: list[dict] = []
+    for node, where in nodes:
+        try:
+            node = check_node_record(node, where)
+        except CaptionError as e:
+            summary.failed.append(str(e))
+            log(f"error: {e}")
+            continue
+        if (node["video_id"], tuple(node["id"]), captioner.model.name, captioner.prompt_hash) in done:
+            summary.skipped += 1
+            continue
+        todo.append(node)
+
+    bar = tqdm(total=len(todo), unit="node", desc="caption", disable=None if progress else True,
+               dynamic_ncols=True)
+    queue: asyncio.Queue = asyncio.Queue()
+    for node in todo:
+        queue.put_nowait(node)
+
+    async def worker() -> None:
+        while True:
+            try:
+                node = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                result = await captioner.get_or_make(node)
+            except CaptionError as e:
+                summary.failed.append(str(e))
+                log(f"error: {e}")
+            else:
+                record = result.to_record(producer)
+                writer.write_unit([record])
+                summary.records.append(record)
+                if result.cached:
+                    summary.cached += 1
+                else:
+                    summary.made += 1
+                    summary.usage.add(result.usage)
+                bar.set_postfix(made=summary.made, cached=summary.cached,
+                                tokens=summary.usage.total_tokens, refresh=False)
+            bar.update(1)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(todo) or 1)))))
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary

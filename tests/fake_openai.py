@@ -1,0 +1,202 @@
+"""A small OpenAI-compatible server for tests: records what it is sent and misbehaves on request.
+
+    with FakeOpenAI(reply=lambda body: "yes") as server:
+        model = OpenAIChat("fake-model", server.url)
+        ...
+        server.requests[0]["messages"]
+
+Faults are queued in `server.faults` and consumed one per /chat/completions request
+before normal replies:
+    ("status", 500)                         an error status with an OpenAI-style error body
+    ("status", 429, {"Retry-After": "1"})   ... with extra response headers
+    ("status", 401, {}, "raw body text")    ... with a body of our choosing
+    ("hang", 2.0)                           sleep, then reply normally (to a client that has given up)
+    ("close",)                              send headers, half the body, then drop the connection
+    ("json", {...})                         a 200 with this JSON body (for malformed replies)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+IMAGE_TOKENS = 10  # what one image counts for in the fake prompt_tokens
+
+
+def prompt_token_count(body: dict) -> int:
+    """Rough prompt tokens: words of text plus IMAGE_TOKENS per image."""
+    total = 0
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content.split())
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    total += len(str(part.get("text", "")).split())
+                elif part.get("type") == "image_url":
+                    total += IMAGE_TOKENS
+    return total
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024  # a concurrency benchmark opens many connections at once
+    allow_reuse_address = True
+
+
+class FakeOpenAI:
+    def __init__(self, reply: Callable[[dict], str] | str = "ok", *, latency_s: float = 0.0,
+                 models: tuple[str, ...] | list[str] = ("fake-model",)):
+        self.reply = reply
+        self.latency_s = latency_s
+        self.models = list(models)
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.faults: list = []
+        self.active = 0  # /chat/completions requests being handled right now
+        self.max_active = 0  # the most seen at once
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> "FakeOpenAI":
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True, name="fake-openai")
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()  # wakes hanging handlers
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "FakeOpenAI":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- behaviour --------------------------------------------------------
+
+    def _next_fault(self):
+        with self._lock:
+            return self.faults.pop(0) if self.faults else None
+
+    def _answer(self, body: dict) -> dict:
+        text = self.reply(body) if callable(self.reply) else str(self.reply)
+        words = text.split()
+        finish = "stop"
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and len(words) > max_tokens:
+            text, words, finish = " ".join(words[:max_tokens]), words[:max_tokens], "length"
+        prompt = prompt_token_count(body)
+        return {
+            "id": f"chatcmpl-fake-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", ""),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": len(words),
+                      "total_tokens": prompt + len(words)},
+        }
+
+    def _handler_class(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, like real servers
+            # Buffered writes and no Nagle: headers and body leave in one packet, so a
+            # keep-alive client is not held up ~40 ms by delayed ACKs on every request.
+            wbufsize = -1
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _send(self, status: int, payload: Any, headers: dict | None = None) -> None:
+                data = payload if isinstance(payload, bytes) else (
+                    payload.encode() if isinstance(payload, str) else json.dumps(payload).encode())
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") == "/v1/models":
+                    self._send(200, {"object": "list",
+                                     "data": [{"id": m, "object": "model"} for m in fake.models]})
+                else:
+                    self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    self._send(404, {"error": {"message": f"no route {self.path}"}})
+                    return
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    self._send(400, {"error": {"message": "body is not JSON"}})
+                    return
+                with fake._lock:
+                    fake.requests.append(body)
+                    fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    fake.active += 1
+                    fake.max_active = max(fake.max_active, fake.active)
+                try:
+                    self._serve(body)
+                except ConnectionError:
+                    pass  # the client gave up (timeouts); nothing to tell it
+                finally:
+                    with fake._lock:
+                        fake.active -= 1
+
+            def _serve(self, body: dict) -> None:
+                if fake.latency_s:
+                    fake._stopping.wait(fake.latency_s)
+                fault = fake._next_fault()
+                if fault is None:
+                    self._send(200, fake._answer(body))
+                    return
+                kind = fault[0]
+                if kind == "status":
+                    code = fault[1]
+                    headers = fault[2] if len(fault) > 2 else {}
+                    payload = fault[3] if len(fault) > 3 else {
+                        "error": {"message": f"fake error {code}", "type": "fake", "code": code}}
+                    self._send(code, payload, headers)
+                elif kind == "hang":
+                    fake._stopping.wait(fault[1])
+                    self._send(200, fake._answer(body))
+                elif kind == "close":
+                    data = json.dumps(fake._answer(body)).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                elif kind == "json":
+                    self._send(200, fault[1])
+                else:
+                    raise ValueError(f"unknown fault {fault!r}")
+
+        return Handler
