@@ -223,3 +223,47 @@ def test_subtitles_are_attached_to_the_first_frame_they_overlap():
     assert "about 200 words" in parts[-1]["text"]
     no_subs = build_caption_messages(node, [b"j0", b"j1", b"j2", b"j3"], "SYS", use_subtitles=False)
     assert "Subtitles" not in json.dumps([p.get("text", "") for p in no_subs[1]["content"]])
+
+
+# -- in process: a tiny Qwen2.5-VL through the transformers backend ------------------
+
+def test_tiny_qwen_vl_captions_a_real_clip(media_files, tmp_path):
+    import asyncio
+
+    from tiny_models import build_tiny_qwen_vl
+
+    from lvr.prep.caption_store import CaptionStore
+    from lvr.prep.captioning import CaptionOptions, Captioner
+    from lvr.prep.frames import FrameStore
+    from lvr.prep.models.transformers_backend import TransformersChat
+
+    clip = next(p for p in media_files if p.suffix == ".mp4")
+    cache = tmp_path / "cache"
+    proc = run_lvr("segment", clip, "--cache-dir", cache, "-q", "--low-frames", "3")
+    assert proc.returncode == 0, proc.stderr
+    node = next(json.loads(x) for x in proc.stdout.splitlines() if json.loads(x)["level"] == "low")
+    node["subtitles"] = [{"start": node["start"], "end": node["end"], "text": "a line of dialogue"}]
+
+    chat = TransformersChat(str(build_tiny_qwen_vl(tmp_path / "tiny-vl")), device="cpu")
+    seen = []
+    chat.inspect = seen.append
+    store = CaptionStore(cache / "captions.sqlite3")
+    # A random model: sample a few tokens so it says something, not just end-of-text.
+    captioner = Captioner(chat, store, FrameStore(cache / "frames"),
+                          CaptionOptions(max_tokens_low=8, temperature=1.0))
+    result = asyncio.run(captioner.get_or_make(node))
+    assert result.cached is False and result.usage.completion_tokens > 0
+    assert len(seen) == 1
+    inputs, text, images = seen[0]["inputs"], seen[0]["text"], seen[0]["images"]
+    # The model got exactly the node's sampled frames, as pictures of the stored size.
+    assert len(images) == len(node["frame_keys"]) == inputs["image_grid_thw"].shape[0]
+    stored = [FrameStore(cache / "frames").image(k) for k in node["frame_keys"]]
+    assert [im.size for im in images] == [im.size for im in stored]
+    # The prompt it saw holds each frame's timestamp and the subtitle line.
+    for t in node["frame_times"]:
+        assert f"[{_fmt(t)}]" in text
+    assert "a line of dialogue" in text and "about 200 words" in text
+    assert text.count("<|vision_start|>") == len(images)
+    # A second call is served from the store.
+    assert asyncio.run(captioner.get_or_make(node)).cached is True
+    store.close()

@@ -323,17 +323,18 @@ def test_dead_url_is_routed_around():
     assert time.monotonic() - started < 5
 
 
-def test_concurrency_is_bounded():
+@pytest.mark.parametrize("concurrency", [3, 20])  # 20 spreads over several HTTP clients
+def test_concurrency_is_bounded(concurrency):
     with FakeOpenAI(latency_s=0.15) as fake:
-        model = OpenAIChat("m", fake.url, concurrency=3)
+        model = OpenAIChat("m", fake.url, concurrency=concurrency)
 
         async def go():
-            await asyncio.gather(*(model.complete(ask()) for _ in range(12)))
+            await asyncio.gather(*(model.complete(ask()) for _ in range(4 * concurrency)))
             await model.aclose()
 
         run(go())
-    assert len(fake.requests) == 12
-    assert fake.max_active == 3
+    assert len(fake.requests) == 4 * concurrency
+    assert fake.max_active == concurrency
 
 
 # -- the API key stays secret -----------------------------------------------

@@ -31,7 +31,7 @@ _REDACTED = "<redacted>"
 _MAX_DETAIL = 200
 # httpcore's pool does work quadratic in its connection count on every request
 # (encode/httpcore#1035), so high concurrency is spread over several small clients.
-_CONNECTIONS_PER_CLIENT = 16
+_CONNECTIONS_PER_CLIENT = 8
 
 
 def _split_urls(value: list[str] | str | None) -> list[str]:
@@ -169,7 +169,9 @@ class OpenAIChat:
             # keep-alive == max connections: the semaphore already bounds requests, so the
             # pool never queues and never evicts a connection it is about to hand out.
             limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
-            self._clients = [httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout_s), limits=limits)
+            tls = httpx.create_ssl_context()  # one for all clients: loading CA certificates is slow
+            self._clients = [httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout_s),
+                                               limits=limits, verify=tls)
                              for _ in range(shards)]
             self._client_load = [0] * shards
             self._sem = asyncio.Semaphore(self.concurrency)
