@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .. import __version__
+from .cache import frames_dir
 from .frames import ExtractStats, FrameRequest, FrameStore, effective_side, extract_frames, frame_key
 from .jsonl import JsonlWriter
 from .probe import VideoError, VideoInfo, probe_video, video_fingerprint
@@ -270,3 +271,43 @@ def segment_videos(
                 f"{result.stats.written} frames stored, {result.stats.cached} cached, "
                 f"{result.seconds:.1f} s")
     return summary
+
+
+def trees_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "trees"
+
+
+def load_or_segment(path: "str | os.PathLike", options: SegmentOptions, cache_dir: Path) -> list[dict]:
+    """A video's node records, segmenting it only the first time (for `ask` and `eval`).
+
+    The records are kept under <cache>/trees/<video_id>/<options hash>.jsonl, so
+    asking again, or about a moved copy of the same file, costs no decoding.
+    Raises VideoError with a one-line reason.
+    """
+    import hashlib
+    import json
+
+    from .jsonl import dumps, write_atomic
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(path, "no such file" if not path.exists() else "not a file")
+    try:
+        video_id = video_fingerprint(path)
+    except OSError as e:
+        raise VideoError(path, f"cannot read ({e.strerror})") from None
+    settings = json.dumps(options.to_record(), sort_keys=True)
+    cached = trees_dir(cache_dir) / video_id / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.jsonl"
+    if cached.is_file():
+        try:
+            records = [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines() if line]
+        except (OSError, ValueError):
+            records = []
+        store = FrameStore(frames_dir(Path(cache_dir)))
+        if records and all(store.has(k) for k in records[0].get("frame_keys", [])):
+            for rec in records:  # the file may have moved since
+                rec["path"] = str(path)
+            return records
+    result = segment_video(path, options, FrameStore(frames_dir(Path(cache_dir))))
+    write_atomic(cached, "".join(dumps(r) + "\n" for r in result.records))
+    return result.records

@@ -45,6 +45,8 @@ class Completion:
     usage: Usage = field(default_factory=Usage)
     seconds: float = 0.0
     finish_reason: str | None = None
+    # Reasoning a server returned apart from the content (vLLM/SGLang reasoning parsers).
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)

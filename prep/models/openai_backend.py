@@ -317,8 +317,12 @@ class OpenAIChat:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):  # some servers return content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        reasoning = None
+        if isinstance(message, dict):
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
         return Completion(text=content or "", model=self.name, usage=usage,
-                          seconds=time.monotonic() - started, finish_reason=choice.get("finish_reason"))
+                          seconds=time.monotonic() - started, finish_reason=choice.get("finish_reason"),
+                          reasoning=reasoning if isinstance(reasoning, str) and reasoning.strip() else None)
 
     async def list_models(self) -> dict[str, list[str]]:
         """Model ids each base URL serves (GET {base}/models), for a preflight check."""
@@ -343,6 +347,26 @@ class OpenAIChat:
         if errors:
             raise ModelError(" | ".join(errors))
         return dict(zip(self.base_urls, results))  # type: ignore[arg-type]
+
+    async def check_reachable(self) -> None:
+        """Fail fast, within one timeout, when no base URL can be reached at all.
+
+        Only transport failures count: a server that answers GET /models with an
+        error status is up, and some servers have no /models route.
+        """
+        self._ensure()
+        client = self._clients[0]
+
+        async def one(url: str) -> str | None:
+            try:
+                await client.get(f"{url}/models")
+            except httpx.TransportError as exc:
+                return self._error(url, f"cannot reach the server ({type(exc).__name__})", str(exc))
+            return None
+
+        errors = [e for e in await asyncio.gather(*(one(u) for u in self.base_urls)) if e]
+        if len(errors) == len(self.base_urls):
+            raise ModelError(" | ".join(errors))
 
     async def aclose(self) -> None:
         clients, self._clients, self._loop, self._sem = self._clients, [], None, None

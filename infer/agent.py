@@ -1,0 +1,161 @@
+"""The agent loop: a reasoning model navigates a VideoEnv turn by turn until it answers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..prep.models.base import ChatModel, GenerationOptions, Message, ModelError
+from ..prep.tree import node_count
+from .environment import EnvError, RoleUsage, VideoEnv
+from .protocol import (LAST_ROUND_NOTICE, STOP_STRINGS, Breach, ParsedTurn, complete_stopped_turn,
+                       extract_choice, first_user_message, merge_reasoning, parse_turn,
+                       system_prompt)
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    max_rounds: int = 30          # model turns, valid or not
+    max_invalid: int = 3          # consecutive invalid turns before giving up
+    max_tokens: int = 2048        # per turn
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be at least 1")
+        if self.max_invalid < 0:
+            raise ValueError("max_invalid must be at least 0")
+
+    def generation(self) -> GenerationOptions:
+        return GenerationOptions(max_tokens=self.max_tokens, temperature=self.temperature,
+                                 top_p=self.top_p, stop=STOP_STRINGS, seed=self.seed)
+
+
+class Stop:
+    ANSWERED = "answered"
+    MAX_ROUNDS = "max_rounds"
+    INVALID = "invalid"
+    ERROR = "error"
+
+
+@dataclass
+class Turn:
+    round: int
+    text: str                       # the assistant turn as it went into the conversation
+    parsed: ParsedTurn
+    result: str | None = None       # the tool result or correction the model read next
+    breach: str | None = None       # parser or environment rule breach
+    seconds: float = 0.0
+
+    def to_record(self) -> dict:
+        p = self.parsed
+        call = p.call
+        return {
+            "round": self.round, "text": self.text, "think": p.think,
+            "action": {"kind": "invalid" if self.breach else p.kind,
+                       "tool": call.tool if call else None,
+                       "node": list(call.node) if call else None,
+                       "query": call.query if call else None,
+                       "call": call.render() if call else None,
+                       "answer": p.answer, "error": self.breach},
+            "result": self.result, "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class AgentResult:
+    question: str
+    options: tuple[str, ...]
+    answer: str | None = None
+    choice: str | None = None           # the option letter, for multiple choice
+    stopped: str = Stop.MAX_ROUNDS
+    error: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    reasoning: RoleUsage = field(default_factory=RoleUsage)
+    seconds: float = 0.0
+
+    def accounting(self, env: VideoEnv) -> dict:
+        """Rounds, caption calls made vs served from the store, video_qa calls, tokens per role."""
+        return {
+            "rounds": len(self.turns),
+            "invalid_turns": sum(1 for t in self.turns if t.breach),
+            "caption_calls": {"made": env.caption_made, "cached": env.caption_cached,
+                              "total": env.caption_made + env.caption_cached},
+            "exhaustive_captions": node_count(env.k),
+            "get_caption_calls": sum(1 for v in env.visits if v.tool == "get_caption"),
+            "video_qa_calls": sum(1 for v in env.visits if v.tool == "video_qa"),
+            "models": {"reasoning": self.reasoning.to_record(), "caption": env.caption_usage.to_record(),
+                       "qa": env.qa_usage.to_record()},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tuple[str, ...] | list[str] = (),
+                    *, template: str, agent: AgentOptions = AgentOptions()) -> AgentResult:
+    """Navigate until the model answers, runs out of rounds, or keeps breaking the rules.
+
+    Model and tool failures end the run with `stopped="error"` and a one-line
+    `error`; everything up to then stays in the result.
+    """
+    started = time.perf_counter()
+    options = tuple(options)
+    result = AgentResult(question, options, reasoning=RoleUsage(model.name))
+    try:
+        high = await env.high_captions()
+    except EnvError as e:
+        result.stopped, result.error = Stop.ERROR, str(e)
+        result.seconds = time.perf_counter() - started
+        return result
+    messages: list[Message] = [
+        {"role": "system", "content": system_prompt(template, env.k)},
+        {"role": "user", "content": first_user_message(question, options, env.duration, high)},
+    ]
+    result.messages = messages
+    invalid_in_a_row = 0
+    for rnd in range(1, agent.max_rounds + 1):
+        last = rnd == agent.max_rounds
+        if last:
+            messages[-1] = {**messages[-1], "content": f"{messages[-1]['content']}\n\n{LAST_ROUND_NOTICE}"}
+        turn_started = time.perf_counter()
+        try:
+            reply = await model.complete(messages, agent.generation())
+        except ModelError as e:
+            result.stopped, result.error = Stop.ERROR, f"reasoning model: {e}"
+            break
+        result.reasoning.add(reply.usage, reply.seconds)
+        text = complete_stopped_turn(merge_reasoning(reply.text, reply.reasoning))
+        parsed = parse_turn(text, env.k)
+        turn = Turn(rnd, text, parsed, breach=parsed.breach)
+        result.turns.append(turn)
+        messages.append({"role": "assistant", "content": text})
+
+        if parsed.answer is not None:
+            result.answer = parsed.answer
+            result.choice = extract_choice(parsed.answer, options)
+            result.stopped = Stop.ANSWERED
+        elif last:
+            turn.breach = turn.breach or Breach.TOOL_ON_LAST_ROUND
+            result.stopped = Stop.MAX_ROUNDS
+        elif parsed.call is not None:
+            try:
+                outcome = await env.call(parsed.call)
+            except EnvError as e:
+                result.stopped, result.error = Stop.ERROR, str(e)
+            else:
+                turn.result, turn.breach = outcome.text, outcome.breach
+        else:
+            turn.result = parsed.message
+        turn.seconds = time.perf_counter() - turn_started
+        if result.stopped in (Stop.ANSWERED, Stop.ERROR) or last:
+            break
+        invalid_in_a_row = invalid_in_a_row + 1 if turn.breach else 0
+        if turn.breach and invalid_in_a_row > agent.max_invalid:
+            result.stopped = Stop.INVALID
+            break
+        messages.append({"role": "user", "content": turn.result})
+    result.seconds = time.perf_counter() - started
+    return result
+

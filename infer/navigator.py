@@ -1,0 +1,203 @@
+"""A navigator session: the models for each role, the stores, and one agent run per question.
+
+`Navigator` is long-lived, so `eval` (and later `synthesize`) share models,
+the caption store and the trees across questions: a second question about a
+video costs no decoding and no caption already made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .. import __version__
+from ..prep.caption_store import CaptionStore
+from ..prep.caption_step import caption_store_path
+from ..prep.captioning import CaptionOptions, Captioner
+from ..prep.captioning import load_system_prompt as load_caption_prompt
+from ..prep.captioning import prompt_hash as caption_prompt_hash
+from ..prep.frames import FrameStore
+from ..prep.cache import frames_dir
+from ..prep.models import ModelSpec, resolve_backend
+from ..prep.models.base import ChatModel, ModelError
+from ..prep.segment import SegmentOptions, load_or_segment
+from ..prep.tree import TreeOptions
+from .agent import AgentOptions, AgentResult, run_agent
+from .environment import VideoEnv
+from .protocol import load_system_prompt, protocol_hash
+from .video_qa import DEFAULT_QA_SYSTEM_PROMPT, VideoQA, qa_prompt_hash
+
+TRACE_SCHEMA = "lvr.trace/1"
+
+
+@dataclass(frozen=True)
+class NavigatorOptions:
+    """Everything that decides an answer; recorded with every result so a score can be reproduced."""
+
+    reasoning: ModelSpec = field(default_factory=ModelSpec)
+    caption: ModelSpec = field(default_factory=ModelSpec)
+    qa: ModelSpec = field(default_factory=ModelSpec)
+    agent: AgentOptions = field(default_factory=AgentOptions)
+    captioning: CaptionOptions = field(default_factory=CaptionOptions)
+    tree: TreeOptions = field(default_factory=TreeOptions)
+    system_prompt_file: Path | None = None
+    caption_prompt_file: Path | None = None
+    qa_max_tokens: int = 512
+
+    def settings(self, template: str, caption_prompt: str, subtitles: bool) -> dict:
+        return {
+            "lvr": __version__,
+            "models": {"reasoning": self.reasoning.to_record(), "caption": self.caption.to_record(),
+                       "qa": self.qa.to_record()},
+            "prompt_hash": protocol_hash(template),
+            "caption_prompt_hash": caption_prompt_hash(caption_prompt),
+            "qa_prompt_hash": qa_prompt_hash(DEFAULT_QA_SYSTEM_PROMPT),
+            "max_rounds": self.agent.max_rounds, "max_invalid": self.agent.max_invalid,
+            "max_tokens": self.agent.max_tokens, "temperature": self.agent.temperature,
+            "seed": self.agent.seed,
+            "K_bounds": [self.tree.min_width, self.tree.max_width],
+            "segment_seconds": self.tree.segment_seconds,
+            "subtitles": subtitles,
+        }
+
+
+def role_spec(main: ModelSpec, backend: str | None, model: str | None, base_urls: tuple[str, ...],
+              api_key: str | None) -> ModelSpec:
+    """A secondary role (caption, qa): each field falls back to the main model's."""
+    return replace(main, backend=backend or (main.backend if not base_urls else "auto"),
+                   model=model or main.model, base_urls=base_urls or main.base_urls,
+                   api_key=api_key if api_key is not None else main.api_key)
+
+
+@dataclass
+class Asked:
+    """One question's run: the agent's result and the environment it ran in."""
+
+    result: AgentResult
+    env: VideoEnv | None
+    settings: dict
+    video: str
+    error: str | None = None
+
+
+class Navigator:
+    def __init__(self, options: NavigatorOptions, cache_dir: Path):
+        self.options = options
+        self.cache_dir = Path(cache_dir)
+        self.template = load_system_prompt(options.system_prompt_file)
+        self.caption_prompt = load_caption_prompt(options.caption_prompt_file)
+        self.frames = FrameStore(frames_dir(self.cache_dir))
+        self.store = CaptionStore(caption_store_path(self.cache_dir))
+        self._models: dict[ModelSpec, ChatModel] = {}
+        self._captioners: dict[bool, Captioner] = {}
+        self._trees: dict[str, list[dict]] = {}
+        self._tree_locks: dict[str, asyncio.Lock] = {}
+        self.segment_options = SegmentOptions(tree=options.tree, qa_frames=True)
+
+    # -- models -------------------------------------------------------------------------
+
+    def model(self, spec: ModelSpec) -> ChatModel:
+        """One instance per distinct spec, so a captioner that also answers video_qa loads once."""
+        if spec not in self._models:
+            self._models[spec] = spec.build()
+        return self._models[spec]
+
+    async def preflight(self) -> None:
+        """Fail within one timeout, naming the URL, when an endpoint cannot be reached."""
+        from ..prep.models.openai_backend import OpenAIChat
+
+        seen = set()
+        for spec in (self.options.reasoning, self.options.caption, self.options.qa):
+            model = self.model(spec)
+            if isinstance(model, OpenAIChat) and id(model) not in seen:
+                seen.add(id(model))
+                await model.check_reachable()
+
+    def captioner(self, subtitles: bool) -> Captioner:
+        if subtitles not in self._captioners:
+            opts = replace(self.options.captioning, use_subtitles=subtitles)
+            self._captioners[subtitles] = Captioner(self.model(self.options.caption), self.store, self.frames,
+                                                    opts, self.caption_prompt)
+        return self._captioners[subtitles]
+
+    def video_qa(self) -> VideoQA:
+        return VideoQA(self.model(self.options.qa), self.frames, max_tokens=self.options.qa_max_tokens)
+
+    # -- trees ----------------------------------------------------------------------------
+
+    async def tree(self, video: "str | os.PathLike") -> list[dict]:
+        """The video's node records (segmenting it once; VideoError when it cannot be)."""
+        key = os.path.realpath(video)
+        lock = self._tree_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key not in self._trees:
+                self._trees[key] = await asyncio.to_thread(load_or_segment, video, self.segment_options,
+                                                           self.cache_dir)
+            return self._trees[key]
+
+    # -- questions ------------------------------------------------------------------------
+
+    def settings(self, subtitles: bool) -> dict:
+        return self.options.settings(self.template, self.caption_prompt, subtitles)
+
+    async def ask(self, video: "str | os.PathLike", question: str, options: tuple[str, ...] = (),
+                  *, subtitles: bool = True, nodes: list[dict] | None = None) -> Asked:
+        """Answer one question about one video. Failures come back in `Asked.error`, never raised."""
+        from ..prep.probe import VideoError
+        from .environment import EnvError
+
+        settings = self.settings(subtitles)
+        empty = AgentResult(question, tuple(options))
+        try:
+            nodes = nodes if nodes is not None else await self.tree(video)
+            env = VideoEnv(nodes, self.captioner(subtitles), self.video_qa())
+        except (VideoError, ValueError, ModelError, EnvError) as e:
+            empty.stopped, empty.error = "error", str(e)
+            return Asked(empty, None, settings, str(video), str(e))
+        result = await run_agent(self.model(self.options.reasoning), env, question, options,
+                                 template=self.template, agent=self.options.agent)
+        return Asked(result, env, settings, str(video), result.error)
+
+    async def aclose(self) -> None:
+        for model in self._models.values():
+            try:
+                await model.aclose()
+            except Exception:  # noqa: BLE001 - closing must not hide the real outcome
+                pass
+        self.store.close()
+
+
+def build_trace(asked: Asked, *, correct_answer: str | None = None, correct: bool | None = None,
+                extra: dict | None = None) -> dict:
+    """The full record of one run: conversation, turns, visits, tree and accounting (lvr.trace/1)."""
+    result, env = asked.result, asked.env
+    trace = {
+        "schema": TRACE_SCHEMA,
+        "video": {"video_id": env.video_id if env else None, "path": asked.video,
+                  "duration": env.duration if env else None, "K": env.k if env else None},
+        "question": result.question, "options": list(result.options),
+        "answer": {"text": result.answer, "choice": result.choice},
+        "correct_answer": correct_answer, "correct": correct,
+        "stopped": result.stopped, "error": result.error,
+        "turns": [t.to_record() for t in result.turns],
+        "visits": [v.to_record() for v in env.visits] if env else [],
+        "messages": result.messages,
+        "accounting": result.accounting(env) if env else {},
+        "settings": asked.settings,
+        "tree": [],
+    }
+    if env is not None:
+        for node_id, node in env.nodes.items():
+            keys = node.get("frame_keys") or []
+            trace["tree"].append({"id": list(node_id), "level": node["level"], "start": node["start"],
+                                  "end": node["end"], "thumb_key": keys[len(keys) // 2] if keys else None,
+                                  "caption": env.captions.get(node_id)})
+    if extra:
+        trace.update(extra)
+    return trace
+
+
+def backend_of(spec: ModelSpec) -> str:
+    return resolve_backend(spec.backend, list(spec.base_urls))

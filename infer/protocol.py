@@ -1,0 +1,433 @@
+"""The navigator's text protocol, defined once: prompts, tags, the tool-call parser, messages.
+
+Every turn of the reasoning model is ``<think>...</think>`` followed by exactly
+one ``<tool>...</tool>`` or ``<answer>...</answer>``. Tools are:
+
+    get_caption((h, m))            a medium caption
+    get_caption((h, m, l))         a low caption
+    video_qa((h, m, l), "query")   ask a vision model about a leaf's frames
+
+`parse_turn` reads tool arguments as literals with its own small grammar: it
+never evaluates anything and never raises. Every breach of the rules maps to a
+`Breach` code and one corrective message, all in `CORRECTIONS` below, so the
+same wording reaches the model from `ask`, `eval`, `synthesize` and `rl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..prep.captioning import format_time
+
+# Bump when the user-message layouts below change: it is part of the prompt hash.
+MESSAGE_LAYOUT_VERSION = "1"
+
+THINK, TOOL, ANSWER = "think", "tool", "answer"
+# Generation stops after a finished action, so a model cannot invent its own tool results.
+STOP_STRINGS = ("</tool>", "</answer>")
+TOOLS = ("get_caption", "video_qa")
+LEVEL_BY_DEPTH = {1: "high", 2: "medium", 3: "low"}
+
+DEFAULT_SYSTEM_PROMPT = """\
+You answer questions about a long video that you cannot watch. You explore it \
+through captions instead, arranged as a tree: the video is cut into {K} \
+high-level clips, each high clip into {K} medium clips, and each medium clip \
+into {K} low-level clips. Clips are named by their position in the tree, \
+counting from 1: (h,) is a high clip, (h, m) a medium clip inside it, and \
+(h, m, l) a low clip inside that. The first message gives you the question \
+and the captions of all {K} high clips with their time spans.
+
+You can use these tools, one per turn:
+- get_caption((h, m)) returns the caption of a medium clip.
+- get_caption((h, m, l)) returns the caption of a low clip.
+- video_qa((h, m, l), "question") shows the frames of a low clip to a vision \
+model and returns its answer to your question. You may use it on a low clip \
+only after you have read that clip's caption.
+
+Every index is a whole number from 1 to {K}. Read the high captions, reason \
+about where the answer most likely is, and go down the tree toward it. Fetch \
+only what you need: every call costs time. When you know enough, answer.
+
+Format every reply exactly like this: first your reasoning inside \
+<think></think>, then exactly one of
+<tool>get_caption((2, 3))</tool>
+<answer>your final answer</answer>
+For a multiple-choice question, answer with the letter of the chosen option."""
+
+
+def load_system_prompt(path: "str | Path | None") -> str:
+    """The system prompt template ({K} is filled in per video); ValueError if the file is unusable."""
+    if path is None:
+        return DEFAULT_SYSTEM_PROMPT
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the system prompt ({e.strerror})") from None
+    if not text:
+        raise ValueError(f"{path}: the system prompt file is empty")
+    return text
+
+
+def system_prompt(template: str, k: int) -> str:
+    # str.replace, not str.format: a user's prompt file may hold other braces.
+    return template.replace("{K}", str(k))
+
+
+def protocol_hash(template: str) -> str:
+    """Identifies the system prompt template together with the message layouts."""
+    return hashlib.sha256(f"{MESSAGE_LAYOUT_VERSION}\n{template}".encode()).hexdigest()[:16]
+
+
+# -- node ids ---------------------------------------------------------------------------
+
+def format_id(node_id) -> str:
+    """(2, 3) -> '(2, 3)'; (2,) -> '(2,)'."""
+    ids = tuple(node_id)
+    return f"({ids[0]},)" if len(ids) == 1 else "(" + ", ".join(str(i) for i in ids) + ")"
+
+
+def format_span(start: float, end: float) -> str:
+    return f"{format_time(start)}-{format_time(end)}"
+
+
+# -- the first user message -------------------------------------------------------------
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def option_letter(option: str) -> str | None:
+    """'B. a cat' -> 'B'."""
+    m = re.match(r"\s*\(?([A-Z])\)?[.):]", option)
+    return m.group(1) if m else None
+
+
+def first_user_message(question: str, options: list[str] | tuple[str, ...], duration: float,
+                       high: list[tuple[tuple[int, ...], float, float, str]]) -> str:
+    """Question, options, duration and the K high captions with their spans."""
+    lines = [f"Question: {question.strip()}"]
+    if options:
+        lines.append("Options:")
+        lines.extend(o.strip() for o in options)
+    lines.append("")
+    lines.append(f"The video is {format_time(duration)} long ({duration:.1f} s). "
+                 f"Captions of its {len(high)} high-level clips:")
+    for node_id, start, end, caption in high:
+        lines.append("")
+        lines.append(f"Clip {format_id(node_id)}, {format_span(start, end)}:")
+        lines.append(caption.strip())
+    return "\n".join(lines)
+
+
+LAST_ROUND_NOTICE = ("This is your last turn. Tools are no longer available: give your final answer "
+                     "now, inside <answer></answer>.")
+
+
+def tool_result_message(tool: str, node_id, start: float, end: float, text: str, query: str | None = None) -> str:
+    """What the model reads back after a tool call: the tool, the node, its span, the result."""
+    level = LEVEL_BY_DEPTH.get(len(tuple(node_id)), "?")
+    if tool == "video_qa":
+        head = (f"video_qa on low clip {format_id(node_id)}, {format_span(start, end)}. "
+                f"Question: {query}\nAnswer:")
+    else:
+        head = f"get_caption: caption of {level} clip {format_id(node_id)}, {format_span(start, end)}:"
+    return f"{head}\n{text.strip()}"
+
+
+# -- rule breaches ----------------------------------------------------------------------
+
+class Breach:
+    """Codes for rule breaches; each has one corrective message in CORRECTIONS."""
+
+    NO_ACTION = "no_action"
+    NO_THINK = "no_think"
+    TWO_ACTIONS = "two_actions"
+    UNKNOWN_TOOL = "unknown_tool"
+    MALFORMED_CALL = "malformed_call"
+    CODE_IN_ARGUMENTS = "code_in_arguments"
+    WRONG_DEPTH = "wrong_depth"
+    OUT_OF_RANGE = "out_of_range"
+    EMPTY_QUERY = "empty_query"
+    EMPTY_ANSWER = "empty_answer"
+    QA_BEFORE_CAPTION = "qa_before_caption"
+    TOOL_ON_LAST_ROUND = "tool_on_last_round"
+
+
+_FORMAT_REMINDER = ("Reply with <think>your reasoning</think> followed by exactly one "
+                    "<tool>...</tool> or <answer>...</answer>.")
+
+CORRECTIONS = {
+    Breach.NO_ACTION: "Your reply has no tool call and no answer. " + _FORMAT_REMINDER,
+    Breach.NO_THINK: "Your reply has no <think></think> reasoning before the action. " + _FORMAT_REMINDER,
+    Breach.TWO_ACTIONS: ("Your reply has more than one action. Use exactly one tool call or one answer "
+                         "per turn; you will see the result before your next turn."),
+    Breach.UNKNOWN_TOOL: ("There is no tool called {name}. The tools are get_caption((h, m)), "
+                          "get_caption((h, m, l)) and video_qa((h, m, l), \"question\")."),
+    Breach.MALFORMED_CALL: ("The tool call {call} could not be read. Write it exactly like "
+                            "get_caption((2, 3)) or video_qa((2, 3, 1), \"What is on the table?\")."),
+    Breach.CODE_IN_ARGUMENTS: ("Tool arguments must be plain literals: a tuple of whole numbers and, for "
+                               "video_qa, one quoted question. Expressions and code are never run."),
+    Breach.WRONG_DEPTH: "{detail}",
+    Breach.OUT_OF_RANGE: "The clip {node} does not exist: every index must be a whole number from 1 to {K}.",
+    Breach.EMPTY_QUERY: "video_qa needs a question in quotes, e.g. video_qa((2, 3, 1), \"Who is speaking?\").",
+    Breach.EMPTY_ANSWER: "Your <answer></answer> is empty. Give your final answer inside the tags.",
+    Breach.QA_BEFORE_CAPTION: ("You may use video_qa on {node} only after reading its caption. "
+                               "Call get_caption({node}) first."),
+    Breach.TOOL_ON_LAST_ROUND: LAST_ROUND_NOTICE,
+}
+
+
+def correction(code: str, **details) -> str:
+    return CORRECTIONS[code].format(**details)
+
+
+# -- parsing a turn ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToolCall:
+    tool: str
+    node: tuple[int, ...]
+    query: str | None = None
+
+    def render(self) -> str:
+        """The canonical text of the call."""
+        if self.tool == "video_qa":
+            q = (self.query or "").replace("\\", "\\\\").replace('"', '\\"')
+            return f'video_qa({format_id(self.node)}, "{q}")'
+        return f"get_caption({format_id(self.node)})"
+
+
+@dataclass(frozen=True)
+class ParsedTurn:
+    """One model turn. Exactly one of `call`, `answer` and `breach` is set."""
+
+    think: str | None
+    call: ToolCall | None = None
+    answer: str | None = None
+    breach: str | None = None
+    message: str | None = None     # the corrective message when breach is set
+
+    @property
+    def kind(self) -> str:
+        return "tool" if self.call else "answer" if self.answer is not None else "invalid"
+
+
+_MAX_TURN_CHARS = 200_000       # longer replies are judged on their head only
+_MAX_INDEX_DIGITS = 6
+_TAG_RE = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.S | re.I) for name in (THINK, TOOL, ANSWER)}
+_CALL_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\((.*)\)\s*;?\s*$", re.S)
+_NAME_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)")
+_INT_RE = re.compile(rf"\d{{1,{_MAX_INDEX_DIGITS}}}")
+# Things that only appear in code, never in a tuple of numbers and a quoted question.
+_CODE_RE = re.compile(r"__|\bimport\b|\blambda\b|\beval\b|\bexec\b|\bos\.|\bsys\.|;|`")
+_CALL_IN_ARGS_RE = re.compile(r"[A-Za-z_]\w*\s*\(")
+
+
+def complete_stopped_turn(text: str) -> str:
+    """Put back the closing tag that a stop string cut off (backends drop the stop text)."""
+    lowered = text.lower()
+    opened = max((TOOL, ANSWER), key=lambda name: lowered.rfind(f"<{name}>"))
+    if lowered.rfind(f"<{opened}>") > lowered.rfind(f"</{opened}>"):
+        return text.rstrip() + f"</{opened}>"
+    return text
+
+
+def _skip_ws(s: str, i: int) -> int:
+    while i < len(s) and s[i].isspace():
+        i += 1
+    return i
+
+
+def _read_keyword(s: str, i: int) -> int:
+    """Skip an optional `name=` before an argument (models often write node=(1, 2))."""
+    m = re.match(r"[A-Za-z_]\w*\s*=\s*", s[i:])
+    return i + m.end() if m else i
+
+
+def _read_tuple(s: str, i: int) -> tuple[tuple[int, ...], int] | None:
+    """(1, 2, 3) or [1, 2, 3] at s[i:], as ints; None if it is anything else."""
+    if i >= len(s) or s[i] not in "([":
+        return None
+    close = ")" if s[i] == "(" else "]"
+    i += 1
+    values: list[int] = []
+    while True:
+        i = _skip_ws(s, i)
+        if i < len(s) and s[i] == close and values:
+            return tuple(values), i + 1
+        m = _INT_RE.match(s, i)
+        if not m or (m.end() < len(s) and s[m.end()].isdigit()):
+            return None
+        values.append(int(m.group()))
+        i = _skip_ws(s, m.end())
+        if i < len(s) and s[i] == ",":
+            i += 1
+        elif i < len(s) and s[i] == close:
+            return tuple(values), i + 1
+        else:
+            return None
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'"}
+
+
+def _read_string(s: str, i: int) -> tuple[str, int] | None:
+    """A single- or double-quoted string at s[i:], with simple escapes; None otherwise."""
+    if i >= len(s) or s[i] not in "\"'":
+        return None
+    quote, out, i = s[i], [], i + 1
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s):
+            out.append(_ESCAPES.get(s[i + 1], "\\" + s[i + 1]))
+            i += 2
+        elif c == quote:
+            return "".join(out), i + 1
+        else:
+            out.append(c)
+            i += 1
+    return None
+
+
+def _parse_arguments(args: str) -> tuple[tuple[int, ...], str | None] | None:
+    """`(1, 2)` or `(1, 2, 3), "query"`: the node and the optional query; None if unreadable."""
+    i = _read_keyword(args, _skip_ws(args, 0))
+    got = _read_tuple(args, i)
+    if got is None:
+        return None
+    node, i = got
+    i = _skip_ws(args, i)
+    query = None
+    if i < len(args) and args[i] == ",":
+        i = _read_keyword(args, _skip_ws(args, i + 1))
+        if _skip_ws(args, i) < len(args):
+            got_q = _read_string(args, _skip_ws(args, i))
+            if got_q is None:
+                return None
+            query, i = got_q
+            i = _skip_ws(args, i)
+            if i < len(args) and args[i] == ",":
+                i = _skip_ws(args, i + 1)
+    return (node, query) if i == len(args) else None
+
+
+def parse_call(text: str, k: int) -> ToolCall | tuple[str, str]:
+    """A tool call's text -> ToolCall, or (breach code, corrective message)."""
+    shown = " ".join(text.split())[:120]
+    m = _CALL_RE.match(text)
+    if not m:
+        name = _NAME_RE.match(text)
+        if _CODE_RE.search(text):
+            return Breach.CODE_IN_ARGUMENTS, correction(Breach.CODE_IN_ARGUMENTS)
+        if name and name.group(1) not in TOOLS and "(" not in text[: name.end() + 1]:
+            return Breach.UNKNOWN_TOOL, correction(Breach.UNKNOWN_TOOL, name=name.group(1)[:60])
+        if _CALL_IN_ARGS_RE.search(text):
+            return Breach.CODE_IN_ARGUMENTS, correction(Breach.CODE_IN_ARGUMENTS)
+        return Breach.MALFORMED_CALL, correction(Breach.MALFORMED_CALL, call=shown)
+    name, args = m.group(1), m.group(2)
+    if _CODE_RE.search(text):
+        return Breach.CODE_IN_ARGUMENTS, correction(Breach.CODE_IN_ARGUMENTS)
+    if name not in TOOLS:
+        return Breach.UNKNOWN_TOOL, correction(Breach.UNKNOWN_TOOL, name=name[:60])
+    parsed = _parse_arguments(args)
+    if parsed is None:
+        code = Breach.CODE_IN_ARGUMENTS if _CALL_IN_ARGS_RE.search(args) else Breach.MALFORMED_CALL
+        return code, correction(code, call=shown)
+    node, query = parsed
+    if name == "get_caption":
+        if query is not None:
+            return Breach.MALFORMED_CALL, correction(Breach.MALFORMED_CALL, call=shown)
+        if len(node) == 1:
+            return Breach.WRONG_DEPTH, correction(
+                Breach.WRONG_DEPTH, detail="High-level captions are already in the first message. "
+                                           "get_caption takes a medium clip (h, m) or a low clip (h, m, l).")
+        if len(node) > 3:
+            return Breach.WRONG_DEPTH, correction(
+                Breach.WRONG_DEPTH, detail=f"{format_id(node)} is too deep: the tree has three levels, "
+                                           "so get_caption takes (h, m) or (h, m, l).")
+    else:
+        if len(node) != 3:
+            return Breach.WRONG_DEPTH, correction(
+                Breach.WRONG_DEPTH, detail=f"video_qa works on low clips only, named (h, m, l); "
+                                           f"{format_id(node)} is not one.")
+        if not query or not query.strip():
+            return Breach.EMPTY_QUERY, correction(Breach.EMPTY_QUERY)
+    if any(not 1 <= i <= k for i in node):
+        return Breach.OUT_OF_RANGE, correction(Breach.OUT_OF_RANGE, node=format_id(node), K=k)
+    return ToolCall(name, node, query.strip() if query else None)
+
+
+def parse_turn(text: str, k: int) -> ParsedTurn:
+    """Judge one model turn against the protocol. Never raises, never evaluates."""
+    text = (text or "")[:_MAX_TURN_CHARS]
+    thinks = _TAG_RE[THINK].findall(text)
+    think = thinks[0].strip() if thinks else None
+    # Actions are looked for outside the reasoning, so a think that mentions <tool> is fine.
+    rest = _TAG_RE[THINK].sub(" ", text)
+    tools = _TAG_RE[TOOL].findall(rest)
+    answers = _TAG_RE[ANSWER].findall(rest)
+
+    def breach(code: str, message: str | None = None) -> ParsedTurn:
+        return ParsedTurn(think, breach=code, message=message or correction(code))
+
+    if len(tools) + len(answers) > 1:
+        return breach(Breach.TWO_ACTIONS)
+    if not tools and not answers:
+        return breach(Breach.NO_ACTION)
+    if think is None or not think:
+        return breach(Breach.NO_THINK)
+    if answers:
+        answer = answers[0].strip()
+        return ParsedTurn(think, answer=answer) if answer else breach(Breach.EMPTY_ANSWER)
+    got = parse_call(tools[0].strip(), k)
+    if isinstance(got, ToolCall):
+        return ParsedTurn(think, call=got)
+    return breach(*got)
+
+
+# -- answers ----------------------------------------------------------------------------
+
+def extract_choice(answer: str | None, options: list[str] | tuple[str, ...]) -> str | None:
+    """The option letter an answer picks, or None when it picks none (or several).
+
+    Accepts 'B', '(B)', 'B.', 'B. a cat', 'The answer is B', or the option's text.
+    """
+    if not answer or not options:
+        return None
+    letters = [option_letter(o) or OPTION_LETTERS[i] for i, o in enumerate(options)]
+    text = answer.strip()
+
+    def bare(option: str) -> str:
+        return re.sub(r"^\s*\(?[A-Z]\)?[.):]\s*", "", option).strip().lower().rstrip(".")
+
+    # The option's own text first: "A cup." names option B, not option A.
+    lowered = text.lower().rstrip(".")
+    matches = [letters[i] for i, o in enumerate(options) if bare(o) and bare(o) == lowered]
+    if len(matches) == 1:
+        return matches[0]
+    m = re.match(r"^\(?([A-Z])\)?(?:[.):]|$)", text)
+    if m and m.group(1) in letters:
+        return m.group(1)
+    m = re.search(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Z])\)?(?:[.):\s]|$)", text, re.I)
+    if m and m.group(1).upper() in letters:
+        return m.group(1).upper()
+    lone = set(re.findall(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])", text)) & set(letters)
+    return lone.pop() if len(lone) == 1 else None
+
+
+def normalise_options(options) -> tuple[str, ...]:
+    """['a cat', 'a dog'] -> ('A. a cat', 'B. a dog'); options already lettered stay as they are."""
+    out = []
+    for i, o in enumerate(options or ()):
+        o = str(o).strip()
+        out.append(o if option_letter(o) else f"{OPTION_LETTERS[i]}. {o}")
+    return tuple(out)
+
+
+def merge_reasoning(text: str, reasoning: str | None) -> str:
+    """Put reasoning that a server split off (a reasoning parser) back into <think> tags."""
+    if reasoning and not _TAG_RE[THINK].search(text or ""):
+        return f"<think>{reasoning.strip()}</think>\n{(text or '').lstrip()}"
+    return text or ""
