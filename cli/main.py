@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import caption, segment
+from . import ask, caption, doctor, eval, segment
 
 app = typer.Typer(
     name="lvr",
@@ -21,6 +21,7 @@ app = typer.Typer(
         "  lvr segment movie.mp4 -o nodes.jsonl\n\n"
         "  lvr segment videos/ '*.mkv' --qa-frames -o nodes.jsonl\n\n"
         "  lvr caption nodes.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct -o captions.jsonl\n\n"
+        "  lvr doctor --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct\n\n"
         "  lvr segment --help"
     ),
     no_args_is_help=True,
@@ -33,6 +34,9 @@ app = typer.Typer(
 COMMANDS = {
     "segment": segment.segment_command,
     "caption": caption.caption_command,
+    "ask": ask.ask_command,
+    "eval": eval.eval_command,
+    "doctor": doctor.doctor_command,
 }
 for _name, _func in COMMANDS.items():
     app.command(_name)(_func)

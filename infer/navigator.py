@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
@@ -20,7 +20,7 @@ from ..prep.captioning import load_system_prompt as load_caption_prompt
 from ..prep.captioning import prompt_hash as caption_prompt_hash
 from ..prep.frames import FrameStore
 from ..prep.cache import frames_dir
-from ..prep.models import ModelSpec, resolve_backend
+from ..prep.models import ModelSpec
 from ..prep.models.base import ChatModel, ModelError
 from ..prep.segment import SegmentOptions, load_or_segment
 from ..prep.tree import TreeOptions
@@ -58,7 +58,8 @@ class NavigatorOptions:
             "max_tokens": self.agent.max_tokens, "temperature": self.agent.temperature,
             "seed": self.agent.seed,
             "K_bounds": [self.tree.min_width, self.tree.max_width],
-            "segment_seconds": self.tree.segment_seconds,
+            "tree": asdict(self.tree),
+            "captioning": asdict(self.captioning), "qa_max_tokens": self.qa_max_tokens,
             "subtitles": subtitles,
         }
 
@@ -197,7 +198,3 @@ def build_trace(asked: Asked, *, correct_answer: str | None = None, correct: boo
     if extra:
         trace.update(extra)
     return trace
-
-
-def backend_of(spec: ModelSpec) -> str:
-    return resolve_backend(spec.backend, list(spec.base_urls))

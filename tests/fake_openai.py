@@ -13,6 +13,12 @@ before normal replies:
     ("hang", 2.0)                           sleep, then reply normally (to a client that has given up)
     ("close",)                              send headers, half the body, then drop the connection
     ("json", {...})                         a 200 with this JSON body (for malformed replies)
+
+Like vLLM, `strict_models=True` answers 404 to a model name not in `models`, and
+`max_images=N` answers 400 "At most N image(s) may be provided in one prompt." to a
+request with more images. With `api_key=KEY`, every request without
+"Authorization: Bearer KEY" gets a 401 that echoes the key it was sent (as some servers do).
+`models_status=500` makes GET /v1/models fail with that status (chat still works).
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ def prompt_token_count(body: dict) -> int:
     return total
 
 
+def prompt_image_count(body: dict) -> int:
+    return sum(1 for message in body.get("messages", []) if isinstance(message.get("content"), list)
+               for part in message["content"] if isinstance(part, dict) and part.get("type") == "image_url")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -51,8 +62,13 @@ class _Server(ThreadingHTTPServer):
 
 class FakeOpenAI:
     def __init__(self, reply: Callable[[dict], str] | str = "ok", *, latency_s: float = 0.0,
-                 models: tuple[str, ...] | list[str] = ("fake-model",)):
+                 models: tuple[str, ...] | list[str] = ("fake-model",), max_images: int | None = None,
+                 api_key: str | None = None, strict_models: bool = False, models_status: int = 200):
         self.reply = reply
+        self.models_status = models_status
+        self.strict_models = strict_models
+        self.max_images = max_images
+        self.api_key = api_key
         self.latency_s = latency_s
         self.models = list(models)
         self.requests: list[dict] = []
@@ -137,8 +153,24 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _refuse_key(self) -> bool:
+                """Answer 401 when a key is required and not given; True when refused."""
+                if fake.api_key is None:
+                    return False
+                given = self.headers.get("Authorization") or ""
+                if given == f"Bearer {fake.api_key}":
+                    return False
+                sent = given.removeprefix("Bearer ") or "(none)"
+                self._send(401, {"error": {"message": f"Incorrect API key provided: {sent}.",
+                                           "type": "invalid_request_error", "code": "invalid_api_key"}})
+                return True
+
             def do_GET(self) -> None:
-                if self.path.rstrip("/") == "/v1/models":
+                if self._refuse_key():
+                    return
+                if self.path.rstrip("/") == "/v1/models" and fake.models_status != 200:
+                    self._send(fake.models_status, {"error": {"message": "fake model list failure"}})
+                elif self.path.rstrip("/") == "/v1/models":
                     self._send(200, {"object": "list",
                                      "data": [{"id": m, "object": "model"} for m in fake.models]})
                 else:
@@ -154,6 +186,8 @@ class FakeOpenAI:
                     body = json.loads(raw)
                 except ValueError:
                     self._send(400, {"error": {"message": "body is not JSON"}})
+                    return
+                if self._refuse_key():
                     return
                 with fake._lock:
                     fake.requests.append(body)
@@ -172,6 +206,15 @@ class FakeOpenAI:
                 if fake.latency_s:
                     fake._stopping.wait(fake.latency_s)
                 fault = fake._next_fault()
+                if fault is None and fake.strict_models and body.get("model") not in fake.models:
+                    self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                               "type": "NotFoundError", "param": None, "code": 404}})
+                    return
+                if fault is None and fake.max_images is not None and prompt_image_count(body) > fake.max_images:
+                    self._send(400, {"error": {
+                        "message": f"At most {fake.max_images} image(s) may be provided in one prompt.",
+                        "type": "BadRequestError", "param": None, "code": 400}})
+                    return
                 if fault is None:
                     self._send(200, fake._answer(body))
                     return

@@ -1,0 +1,123 @@
+"""`lvr ask`: answer a question about a local video by navigating its caption tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, QuietOption, fail_usage, say
+from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
+                            CaptionBaseUrlOption, CaptionModelOption, CaptionPromptOption, ConcurrencyOption,
+                            DeviceOption, MaxInvalidOption, MaxRetriesOption, MaxRoundsOption, MaxTokensOption,
+                            MaxWidthOption, MinWidthOption, ModelOption, QaApiKeyOption, QaBackendOption,
+                            QaBaseUrlOption, QaModelOption, SeedOption, SegmentSecondsOption, SystemPromptOption,
+                            TemperatureOption, TimeoutOption, navigator_options, HighFramesOption,
+                            MediumFramesOption, LowFramesOption, CaptionSideOption, QaSideOption,
+                            CaptionMaxTokensOption, CaptionTemperatureOption, QaMaxTokensOption)
+
+
+def ask_command(
+    video: Path = typer.Argument(..., metavar="VIDEO", help="A local video file."),
+    question: str = typer.Argument(..., metavar="QUESTION", help="The question, in quotes."),
+    option: List[str] = typer.Option([], "--option", "-O", metavar="TEXT",
+                                     help='A multiple-choice option, e.g. "A. a red car" (repeat; '
+                                          "letters are added when missing)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE",
+                                          help="Also write the lvr.answer/1 record here."),
+    trace: Optional[Path] = typer.Option(None, "--trace", metavar="FILE",
+                                         help="Write the full conversation and every step (lvr.trace/1 JSONL)."),
+    html: Optional[Path] = typer.Option(None, "--html", metavar="FILE",
+                                        help="Write a self-contained page: the tree, the visited path, each turn."),
+    cache_dir: Optional[Path] = CacheDirOption,
+    no_subtitles: bool = typer.Option(False, "--no-subtitles", help="Do not show subtitles to the captioner."),
+    backend: str = BackendOption, model: Optional[str] = ModelOption, base_url: List[str] = BaseUrlOption,
+    api_key: Optional[str] = ApiKeyOption,
+    caption_backend: Optional[str] = CaptionBackendOption, caption_model: Optional[str] = CaptionModelOption,
+    caption_base_url: List[str] = CaptionBaseUrlOption, caption_api_key: Optional[str] = CaptionApiKeyOption,
+    qa_backend: Optional[str] = QaBackendOption, qa_model: Optional[str] = QaModelOption,
+    qa_base_url: List[str] = QaBaseUrlOption, qa_api_key: Optional[str] = QaApiKeyOption,
+    concurrency: int = ConcurrencyOption, timeout: float = TimeoutOption, max_retries: int = MaxRetriesOption,
+    device: str = DeviceOption,
+    max_rounds: int = MaxRoundsOption, max_invalid: int = MaxInvalidOption, max_tokens: int = MaxTokensOption,
+    temperature: float = TemperatureOption, seed: Optional[int] = SeedOption,
+    system_prompt: Optional[Path] = SystemPromptOption, caption_system_prompt: Optional[Path] = CaptionPromptOption,
+    min_width: int = MinWidthOption, max_width: int = MaxWidthOption, segment_seconds: float = SegmentSecondsOption,
+    high_frames: int = HighFramesOption, medium_frames: int = MediumFramesOption, low_frames: int = LowFramesOption,
+    caption_side: int = CaptionSideOption, qa_side: int = QaSideOption,
+    caption_max_tokens: Optional[int] = CaptionMaxTokensOption,
+    caption_temperature: float = CaptionTemperatureOption, qa_max_tokens: int = QaMaxTokensOption,
+    quiet: bool = QuietOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Answer a question about a local video by navigating its caption tree.
+
+    The video is segmented once (cached under the cache directory). The
+    reasoning model reads the K high-level captions, then fetches medium and
+    low captions, or asks a vision model about a leaf's frames, one tool per
+    turn, until it answers. Only the nodes it visits are ever captioned, and
+    captions are kept in the shared store, so later questions reuse them.
+
+    The answer goes to stdout; a summary (rounds, captions made and reused,
+    tokens) goes to stderr.
+
+    Exit status: 0 answered, 1 no answer (rounds ran out, or a model failed), 2 usage error.
+
+    Examples:
+
+      lvr ask movie.mp4 "What does the chef add last?" --base-url http://localhost:8000/v1 --model Qwen/Qwen3-8B --caption-base-url http://localhost:8001/v1 --caption-model Qwen/Qwen2.5-VL-7B-Instruct
+
+      lvr ask talk.mkv "Which slide mentions the budget?" -O "A. the first" -O "B. the third" -O "C. the last" --model gpt-5 --base-url https://api.openai.com/v1 --html trace.html
+
+      lvr ask clip.mp4 "Who enters the room?" --backend transformers --model ./my-navigator --caption-model ./qwen2.5-vl-3b --trace trace.jsonl
+
+      lvr ask movie.mp4 "Where is the cat at the end?" --config models.yaml --max-rounds 15
+    """
+    from ..infer.ask import answer_record, ask_video
+    from ..infer.protocol import normalise_options
+    from ..prep.cache import resolve_cache_dir
+    from ..prep.jsonl import dumps, write_atomic
+    from ..prep.models.base import ModelError
+
+    if not question.strip():
+        raise fail_usage("the question is empty")
+    try:
+        nav = navigator_options(
+            backend=backend, model=model, base_url=base_url, api_key=api_key, caption_backend=caption_backend,
+            caption_model=caption_model, caption_base_url=caption_base_url, caption_api_key=caption_api_key,
+            qa_backend=qa_backend, qa_model=qa_model, qa_base_url=qa_base_url, qa_api_key=qa_api_key,
+            concurrency=concurrency, timeout=timeout, max_retries=max_retries, device=device,
+            max_rounds=max_rounds, max_invalid=max_invalid, max_tokens=max_tokens, temperature=temperature,
+            seed=seed, system_prompt=system_prompt, caption_system_prompt=caption_system_prompt,
+            min_width=min_width, max_width=max_width, segment_seconds=segment_seconds, high_frames=high_frames,
+            medium_frames=medium_frames, low_frames=low_frames, caption_side=caption_side, qa_side=qa_side,
+            caption_max_tokens=caption_max_tokens, caption_temperature=caption_temperature, qa_max_tokens=qa_max_tokens)
+        options = normalise_options(option)
+        asked, trace = ask_video(video, question, options, nav, resolve_cache_dir(cache_dir),
+                                 subtitles=not no_subtitles, trace_path=trace, html_path=html)
+    except (ModelError, ValueError, OSError) as e:
+        raise fail_usage(str(e))
+    result = asked.result
+    if output is not None:
+        write_atomic(output, dumps(answer_record(asked, trace)) + "\n")
+    acc = trace["accounting"]
+    if result.answer is not None:
+        chosen = next((o for o in options if result.choice and o.startswith(f"{result.choice}.")), None)
+        typer.echo(chosen or result.answer)
+    if not quiet and acc:
+        calls = acc["caption_calls"]
+        models = acc["models"]
+        say(f"lvr ask: {acc['rounds']} rounds ({acc['invalid_turns']} invalid), "
+            f"{acc['get_caption_calls']} get_caption and {acc['video_qa_calls']} video_qa calls; "
+            f"captions: {calls['made']} made, {calls['cached']} from the store "
+            f"(exhaustive: {acc['exhaustive_captions']}); tokens: "
+            + ", ".join(f"{role} {m['prompt_tokens']}+{m['completion_tokens']}" for role, m in models.items())
+            + f"; {acc['seconds']:.1f} s")
+    if result.answer is None:
+        reason = result.error or {"max_rounds": f"no answer within {max_rounds} rounds",
+                                  "invalid": f"more than {max_invalid} invalid turns in a row"}.get(
+            result.stopped, result.stopped)
+        say(f"lvr ask: error: {video}: {reason}")
+        raise typer.Exit(EXIT_SOME_FAILED)
+    raise typer.Exit(EXIT_OK)

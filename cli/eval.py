@@ -1,0 +1,128 @@
+"""`lvr eval`: answer a benchmark's questions and score them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, OutputOption, QuietOption, fail_usage,
+                     say)
+from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
+                            CaptionBaseUrlOption, CaptionMaxTokensOption, CaptionModelOption, CaptionPromptOption,
+                            CaptionSideOption, CaptionTemperatureOption, ConcurrencyOption, DeviceOption,
+                            HighFramesOption, LowFramesOption, MaxInvalidOption, MaxRetriesOption, MaxRoundsOption,
+                            MaxTokensOption, MaxWidthOption, MediumFramesOption, MinWidthOption, ModelOption,
+                            QaApiKeyOption, QaBackendOption, QaBaseUrlOption, QaMaxTokensOption, QaModelOption,
+                            QaSideOption, SeedOption, SegmentSecondsOption, SystemPromptOption, TemperatureOption,
+                            TimeoutOption, navigator_options)
+
+DATA_PANEL = "Questions"
+
+
+def eval_command(
+    questions: str = typer.Argument(..., metavar="QUESTIONS|-",
+                                    help="Questions with answers: native JSONL, LVBench, Video-MME or MLVU dev "
+                                         "(a file, an MLVU folder, or - for stdin)."),
+    output: Optional[Path] = OutputOption,
+    summary: Optional[Path] = typer.Option(None, "--summary", metavar="FILE",
+                                           help="Also write the summary record (JSON) here."),
+    traces: Optional[Path] = typer.Option(None, "--traces", metavar="FILE",
+                                          help="Append each question's full trace (lvr.trace/1 JSONL) here."),
+    video_dir: Optional[Path] = typer.Option(None, "--video-dir", metavar="DIR", rich_help_panel=DATA_PANEL,
+                                             help="Where the records' videos are (default: the questions "
+                                                  "file's folder). Paths may not leave it."),
+    fmt: str = typer.Option("auto", "--format", rich_help_panel=DATA_PANEL,
+                            help="auto, native, lvbench, videomme or mlvu."),
+    subtitles: Optional[bool] = typer.Option(None, "--subtitles/--no-subtitles", rich_help_panel=DATA_PANEL,
+                                             help="Show subtitles to the captioner. Video-MME requires "
+                                                  "one of the two; others default to each record's setting."),
+    videomme_duration: str = typer.Option("long", "--videomme-duration", rich_help_panel=DATA_PANEL,
+                                          help="Video-MME subset: short, medium, long or all."),
+    max_questions: Optional[int] = typer.Option(None, "--max-questions", min=1, rich_help_panel=DATA_PANEL,
+                                                help="Only the first N questions."),
+    question_concurrency: int = typer.Option(4, "--question-concurrency", min=1, rich_help_panel=DATA_PANEL,
+                                             help="Questions answered at once."),
+    cache_dir: Optional[Path] = CacheDirOption,
+    backend: str = BackendOption, model: Optional[str] = ModelOption, base_url: List[str] = BaseUrlOption,
+    api_key: Optional[str] = ApiKeyOption,
+    caption_backend: Optional[str] = CaptionBackendOption, caption_model: Optional[str] = CaptionModelOption,
+    caption_base_url: List[str] = CaptionBaseUrlOption, caption_api_key: Optional[str] = CaptionApiKeyOption,
+    qa_backend: Optional[str] = QaBackendOption, qa_model: Optional[str] = QaModelOption,
+    qa_base_url: List[str] = QaBaseUrlOption, qa_api_key: Optional[str] = QaApiKeyOption,
+    concurrency: int = ConcurrencyOption, timeout: float = TimeoutOption, max_retries: int = MaxRetriesOption,
+    device: str = DeviceOption,
+    max_rounds: int = MaxRoundsOption, max_invalid: int = MaxInvalidOption, max_tokens: int = MaxTokensOption,
+    temperature: float = TemperatureOption, seed: Optional[int] = SeedOption,
+    system_prompt: Optional[Path] = SystemPromptOption, caption_system_prompt: Optional[Path] = CaptionPromptOption,
+    min_width: int = MinWidthOption, max_width: int = MaxWidthOption, segment_seconds: float = SegmentSecondsOption,
+    high_frames: int = HighFramesOption, medium_frames: int = MediumFramesOption, low_frames: int = LowFramesOption,
+    caption_side: int = CaptionSideOption, qa_side: int = QaSideOption,
+    caption_max_tokens: Optional[int] = CaptionMaxTokensOption,
+    caption_temperature: float = CaptionTemperatureOption, qa_max_tokens: int = QaMaxTokensOption,
+    quiet: bool = QuietOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Answer a benchmark's questions by navigation, and score them.
+
+    One lvr.eval/1 record per question is appended to the output as soon as
+    it is answered, with the prediction, whether it is right, its accounting
+    (rounds, captions made and reused, video_qa calls, tokens) and the exact
+    settings. A rerun skips answered questions. The summary (accuracy overall
+    and per category, mean rounds, caption calls against the K+K²+K³ an
+    exhaustive method needs, tokens, time) covers the whole output file.
+
+    Exit status: 0 all answered, 1 some questions failed (each named on stderr), 2 usage error.
+
+    Examples:
+
+      lvr eval lvbench/video_info.meta.jsonl --video-dir lvbench/videos --base-url http://localhost:8000/v1 --model longvideo-r1 --caption-base-url http://localhost:8001/v1 --caption-model Qwen/Qwen2.5-VL-7B-Instruct -o lvbench.jsonl --summary lvbench.summary.json
+
+      lvr eval videomme.jsonl --no-subtitles --video-dir videomme/data --config models.yaml -o vmme.jsonl
+
+      lvr eval MLVU/json --format mlvu --video-dir MLVU/video --min-width 3 --config models.yaml -o mlvu.jsonl
+    """
+    from ..infer.benchmarks import EVAL_FORMATS, EvalFormatError
+    from ..infer.evaluate import EvalOptions, run_eval
+    from ..prep.cache import resolve_cache_dir
+    from ..prep.models.base import ModelError
+
+    if fmt not in EVAL_FORMATS:
+        raise fail_usage(f"--format takes {', '.join(EVAL_FORMATS)}, not {fmt!r}")
+    if videomme_duration not in ("short", "medium", "long", "all"):
+        raise fail_usage(f"--videomme-duration takes short, medium, long or all, not {videomme_duration!r}")
+    log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr eval: {msg}"))
+    try:
+        nav = navigator_options(
+            backend=backend, model=model, base_url=base_url, api_key=api_key, caption_backend=caption_backend,
+            caption_model=caption_model, caption_base_url=caption_base_url, caption_api_key=caption_api_key,
+            qa_backend=qa_backend, qa_model=qa_model, qa_base_url=qa_base_url, qa_api_key=qa_api_key,
+            concurrency=concurrency, timeout=timeout, max_retries=max_retries, device=device,
+            max_rounds=max_rounds, max_invalid=max_invalid, max_tokens=max_tokens, temperature=temperature,
+            seed=seed, system_prompt=system_prompt, caption_system_prompt=caption_system_prompt,
+            min_width=min_width, max_width=max_width, segment_seconds=segment_seconds, high_frames=high_frames,
+            medium_frames=medium_frames, low_frames=low_frames, caption_side=caption_side, qa_side=qa_side,
+            caption_max_tokens=caption_max_tokens, caption_temperature=caption_temperature,
+            qa_max_tokens=qa_max_tokens)
+        options = EvalOptions(format=fmt, subtitles=subtitles,
+                              videomme_duration=None if videomme_duration == "all" else videomme_duration,
+                              video_dir=video_dir, concurrency=question_concurrency, max_questions=max_questions)
+        result = run_eval(questions, output, nav, resolve_cache_dir(cache_dir), options, summary_path=summary,
+                          traces_path=traces, log=log, progress=not quiet)
+    except (ModelError, EvalFormatError, ValueError, OSError) as e:
+        raise fail_usage(str(e))
+    if quiet:
+        for err in result.load_errors + result.failed:
+            say(f"lvr eval: error: {err}")
+    r = result.report
+    models = r["tokens"]
+    say(f"lvr eval: {result.done} answered now, {result.skipped} already done, {len(result.failed)} failed, "
+        f"{len(result.load_errors)} bad records; accuracy {r['correct']}/{r['questions']} = {r['accuracy']:.1%}; "
+        f"mean {r['mean_rounds']:.1f} rounds, {r['mean_caption_calls']:.1f} caption calls per question "
+        f"(exhaustive: {r['mean_exhaustive_captions']:.0f}); tokens: "
+        + ", ".join(f"{role} {m['prompt_tokens']}+{m['completion_tokens']}" for role, m in models.items())
+        + f"; {result.seconds:.1f} s")
+    for category, c in r["per_category"].items():
+        say(f"lvr eval:   {category}: {c['accuracy']:.1%} of {c['questions']}")
+    raise typer.Exit(EXIT_SOME_FAILED if (result.failed or result.load_errors) else EXIT_OK)

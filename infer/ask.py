@@ -1,0 +1,55 @@
+"""`lvr ask` as a library: one question about one local video."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from ..prep.jsonl import dumps, write_atomic
+from .navigator import Asked, Navigator, NavigatorOptions, build_trace
+
+ANSWER_SCHEMA = "lvr.answer/1"
+
+
+def answer_record(asked: Asked, trace: dict) -> dict:
+    """The short result of one question (the trace holds the rest)."""
+    result = asked.result
+    return {
+        "schema": ANSWER_SCHEMA, "video_id": trace["video"]["video_id"], "path": asked.video,
+        "question": result.question, "options": list(result.options),
+        "answer": result.answer, "choice": result.choice, "stopped": result.stopped, "error": result.error,
+        "accounting": trace["accounting"], "settings": asked.settings,
+    }
+
+
+def write_trace_files(trace: dict, navigator: Navigator, trace_path: "str | os.PathLike | None",
+                      html_path: "str | os.PathLike | None") -> None:
+    if trace_path is not None:
+        write_atomic(trace_path, dumps(trace) + "\n")
+    if html_path is not None:
+        from .trace_html import write_trace_html
+
+        write_trace_html(html_path, trace, navigator.frames)
+
+
+def ask_video(video: "str | os.PathLike", question: str, options: tuple[str, ...], nav: NavigatorOptions,
+              cache_dir: Path, *, subtitles: bool = True, trace_path=None, html_path=None) -> tuple[Asked, dict]:
+    """Segment (cached), navigate, answer; write the trace files asked for.
+
+    Raises ModelError when an endpoint cannot be reached at all; every other
+    failure is reported in the returned result's `error`.
+    """
+
+    async def go() -> tuple[Asked, dict]:
+        navigator = Navigator(nav, cache_dir)
+        try:
+            await navigator.preflight()
+            asked = await navigator.ask(video, question, options, subtitles=subtitles)
+        finally:
+            await navigator.aclose()
+        trace = build_trace(asked)
+        write_trace_files(trace, navigator, trace_path, html_path)
+        return asked, trace
+
+    return asyncio.run(go())

@@ -1,0 +1,208 @@
+"""`lvr eval` as a library: many questions, concurrently, one result record each, and a summary.
+
+A question's record is written the moment it finishes, so a killed run loses
+nothing; a rerun over the same output skips questions already in it. A
+question that fails for a reason outside the model (a video that cannot be
+read, an endpoint that keeps failing) is named and left out, so the rerun
+tries it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..prep.jsonl import JsonlWriter, dumps, write_atomic
+from .benchmarks import EvalFormatError, EvalItem, load_eval_items, resolve_item_video
+from .navigator import Asked, Navigator, NavigatorOptions, build_trace
+
+EVAL_SCHEMA = "lvr.eval/1"
+SUMMARY_SCHEMA = "lvr.eval_summary/1"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    format: str = "auto"
+    subtitles: bool | None = None            # None: each format's default (Video-MME must say)
+    videomme_duration: str | None = "long"
+    video_dir: Path | None = None            # default: the questions file's folder
+    concurrency: int = 4                     # questions in flight
+    max_questions: int | None = None
+
+
+def _normal_text(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def is_correct(item: EvalItem, asked: Asked) -> bool:
+    """Multiple choice: the letter matches. Open: the same words, ignoring case and punctuation."""
+    result = asked.result
+    if item.options:
+        return result.choice is not None and result.choice == item.answer.strip().upper()
+    return result.answer is not None and _normal_text(result.answer) == _normal_text(item.answer)
+
+
+def result_record(item: EvalItem, asked: Asked, trace: dict, correct: bool) -> dict:
+    result = asked.result
+    return {
+        "schema": EVAL_SCHEMA, "qid": item.qid, "video": item.video, "video_id": trace["video"]["video_id"],
+        "category": item.category, "source": item.source, "question": item.question,
+        "options": list(item.options), "answer": item.answer,
+        "prediction": result.answer, "choice": result.choice, "correct": correct,
+        "stopped": result.stopped, "accounting": trace["accounting"], "settings": asked.settings,
+    }
+
+
+@dataclass
+class EvalSummary:
+    done: int = 0                     # answered in this run
+    skipped: int = 0                  # already in the output
+    failed: list[str] = field(default_factory=list)
+    load_errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    report: dict = field(default_factory=dict)
+
+
+def summarize(records: list[dict], settings: dict | None = None) -> dict:
+    """Accuracy overall and per category, rounds, caption calls against exhaustive, tokens, time."""
+    n = len(records)
+
+    def mean(values) -> float:
+        values = list(values)
+        return round(sum(values) / len(values), 4) if values else 0.0
+
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        by_category[r.get("category") or "(none)"].append(bool(r.get("correct")))
+    acc = [r.get("accounting") or {} for r in records]
+    tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"prompt_tokens": 0, "completion_tokens": 0,
+                                                             "requests": 0})
+    for a in acc:
+        for role, m in (a.get("models") or {}).items():
+            for key in ("prompt_tokens", "completion_tokens", "requests"):
+                tokens[role][key] += int(m.get(key) or 0)
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "questions": n,
+        "correct": sum(1 for r in records if r.get("correct")),
+        "accuracy": mean(bool(r.get("correct")) for r in records),
+        "per_category": {c: {"questions": len(v), "accuracy": mean(v)} for c, v in sorted(by_category.items())},
+        "stopped": dict(sorted(_count(r.get("stopped") for r in records).items())),
+        "mean_rounds": mean(a.get("rounds", 0) for a in acc),
+        "mean_caption_calls": mean((a.get("caption_calls") or {}).get("total", 0) for a in acc),
+        "mean_captions_made": mean((a.get("caption_calls") or {}).get("made", 0) for a in acc),
+        "mean_exhaustive_captions": mean(a.get("exhaustive_captions", 0) for a in acc),
+        "mean_video_qa_calls": mean(a.get("video_qa_calls", 0) for a in acc),
+        "tokens": dict(tokens),
+        "mean_seconds": mean(a.get("seconds", 0.0) for a in acc),
+        "settings": settings,
+    }
+
+
+def _count(values) -> dict:
+    out: dict = defaultdict(int)
+    for v in values:
+        out[str(v)] += 1
+    return out
+
+
+def run_eval(questions: str, output: "str | os.PathLike | None", nav: NavigatorOptions, cache_dir: Path,
+             options: EvalOptions = EvalOptions(), *, summary_path: "str | os.PathLike | None" = None,
+             traces_path: "str | os.PathLike | None" = None, log=lambda msg: None,
+             progress: bool = True) -> EvalSummary:
+    """Answer every question not yet in `output`; return the summary of the whole output file.
+
+    Raises EvalFormatError when the questions file cannot be read at all and
+    ModelError when an endpoint cannot be reached.
+    """
+    summary = EvalSummary()
+    items, summary.load_errors = load_eval_items(questions, options.format, subtitles=options.subtitles,
+                                                 videomme_duration=options.videomme_duration)
+    for err in summary.load_errors:
+        log(f"error: {err}")
+    if options.max_questions is not None:
+        items = items[: options.max_questions]
+    video_dir = options.video_dir or (Path(questions).parent if questions != "-" else Path.cwd())
+    t0 = time.perf_counter()
+    with JsonlWriter(output) as writer:
+        done = {r.get("qid") for r in writer.existing if r.get("schema") == EVAL_SCHEMA}
+        todo = [it for it in items if it.qid not in done]
+        summary.skipped = len(items) - len(todo)
+        if summary.skipped:
+            log(f"skip: {summary.skipped} questions already in the output")
+        traces = JsonlWriter(traces_path) if traces_path is not None else None
+        try:
+            records = asyncio.run(_answer_all(todo, writer, traces, nav, cache_dir, video_dir, options,
+                                              summary, log, progress))
+        finally:
+            if traces is not None:
+                traces.close()
+        everything = [r for r in writer.existing if r.get("schema") == EVAL_SCHEMA] + records
+    summary.seconds = time.perf_counter() - t0
+    settings = everything[-1]["settings"] if everything else None
+    summary.report = summarize(everything, settings)
+    if summary_path is not None:
+        write_atomic(summary_path, dumps(summary.report) + "\n")
+    return summary
+
+
+async def _answer_all(items: list[EvalItem], writer: JsonlWriter, traces: JsonlWriter | None,
+                      nav: NavigatorOptions, cache_dir: Path, video_dir: Path, options: EvalOptions,
+                      summary: EvalSummary, log, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    records: list[dict] = []
+    navigator = Navigator(nav, cache_dir)
+    bar = tqdm(total=len(items), unit="question", desc="eval", disable=None if progress else True,
+               dynamic_ncols=True)
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    async def one(item: EvalItem) -> None:
+        try:
+            video = resolve_item_video(item, video_dir)
+        except (EvalFormatError, OSError) as e:
+            summary.failed.append(f"{item.qid}: {e}")
+            log(f"error: {item.qid}: {e}")
+            return
+        asked = await navigator.ask(video, item.question, item.options, subtitles=item.subtitles)
+        if asked.env is None or asked.result.stopped == "error":
+            summary.failed.append(f"{item.qid}: {asked.error}")
+            log(f"error: {item.qid}: {asked.error}")
+            return
+        correct = is_correct(item, asked)
+        trace = build_trace(asked, correct_answer=item.answer, correct=correct, extra={"qid": item.qid})
+        record = result_record(item, asked, trace, correct)
+        if traces is not None:
+            traces.write_unit([trace])
+        writer.write_unit([record])  # last: a question counts as done only once all of it is on disk
+        records.append(record)
+        summary.done += 1
+        right = sum(1 for r in records if r["correct"])
+        bar.set_postfix(acc=f"{right}/{len(records)}", refresh=False)
+
+    async def worker() -> None:
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                await one(item)
+            finally:
+                bar.update(1)
+
+    try:
+        if items:
+            await navigator.preflight()
+        await asyncio.gather(*(worker() for _ in range(max(1, min(options.concurrency, len(items) or 1)))))
+    finally:
+        bar.close()
+        await navigator.aclose()
+    return records
