@@ -1,0 +1,265 @@
+"""`lvr caption` end to end against a real OpenAI-compatible server: `transformers serve`.
+
+The test builds a tiny, randomly initialised Qwen2.5-VL (tests/tiny_models.py),
+starts `transformers serve <folder> --host 127.0.0.1 --port N --device cpu` as a
+separate process, offline, and captions the nodes of a real clip through the CLI.
+The frames really reach the vision tower: the server's prompt token count is
+checked against the image tokens the model's own image processor makes of them.
+
+What serving a Qwen-VL here takes (transformers 5.23, CPU, no torchvision):
+
+* The serve extras: fastapi, uvicorn, openai, pydantic (in our `dev` extra).
+* Stock `transformers serve` loads the processor with `AutoProcessor`, and the
+  Qwen2.5-VL processor always loads a video processor, which needs torchvision
+  (a CUDA build on PyPI, kept out of this project). So the model folder ships a
+  processor subclass without the video part as remote code (processor_config.json
+  `auto_map`), and the server runs with `--trust-remote-code`. Images work;
+  video input does not, and `lvr caption` sends none.
+* The server decides greedy vs sampling from the model's generation_config
+  (`do_sample`) and the request's temperature; greedy decoding of a random model
+  repeats a newline, an empty caption. The folder's generation_config says
+  `do_sample: true`, as real instruct checkpoints do, and the test asks for
+  temperature 1.0, so the model says something (random words).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+for _module in ("fastapi", "uvicorn", "openai", "pydantic"):
+    pytest.importorskip(_module, reason="the `transformers serve` extras are not installed (pip install -e .[dev])")
+
+LVR = [sys.executable, "-m", "lvr.cli"]
+START_TIMEOUT_S = 90
+
+# Remote code shipped in the model folder: Qwen2_5_VLProcessor without its torchvision-only video processor.
+IMAGE_ONLY_PROCESSOR = '''\
+"""Qwen2.5-VL's processor for images and text only: the stock one also loads a video
+processor, which needs torchvision."""
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.processing_utils import ProcessorMixin
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+'''
+PROCESSOR_CLASS = "ImageOnlyQwen2_5_VLProcessor"
+
+
+def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def servable_tiny_qwen_vl(path: Path) -> Path:
+    """The tiny Qwen2.5-VL, made loadable by stock `transformers serve --trust-remote-code`."""
+    from tiny_models import build_tiny_qwen_vl
+
+    build_tiny_qwen_vl(path, vocab="small")  # the real Qwen vocabulary adds ~5 s and proves nothing here
+    (path / "processing_image_only.py").write_text(IMAGE_ONLY_PROCESSOR)
+    auto_map = {"AutoProcessor": f"processing_image_only.{PROCESSOR_CLASS}"}
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": PROCESSOR_CLASS,
+                                                             "auto_map": auto_map}))
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    pre.update(processor_class=PROCESSOR_CLASS, auto_map=auto_map)
+    (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(do_sample=True, temperature=1.0, top_k=50, top_p=1.0)
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even by SIGKILL (Linux)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def offline_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HF_", "TRANSFORMERS_"))}
+    (home / "hub").mkdir(parents=True, exist_ok=True)  # /v1/models scans an (empty) cache here
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    return env
+
+
+class ServeProcess:
+    """`transformers serve` in its own process group, with its log in a file; it dies with us."""
+
+    def __init__(self, model_dir: Path, workdir: Path):
+        self.model = str(model_dir)  # a pinned server answers only to this exact name
+        self.log_path = workdir / "serve.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        exe = Path(sys.executable).with_name("transformers")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-c",
+                                                "import sys; from transformers.cli.transformers import main; "
+                                                "sys.argv[0] = 'transformers'; sys.exit(main())"]
+        cmd += ["serve", self.model, "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
+                "--trust-remote-code", "--log-level", "warning"]
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=offline_env(workdir / "hf-home"), cwd=workdir,
+                                     preexec_fn=_die_with_parent)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=2, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"transformers serve not ready after {timeout_s} s:\n{self.log()[-4000:]}")
+
+    def chat_requests(self) -> int:
+        """POSTs to /v1/chat/completions so far, from uvicorn's access log."""
+        return self.log().count('"POST /v1/chat/completions HTTP/1.1"')
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def served_vl(tmp_path_factory):
+    """(server, model folder) of a tiny Qwen2.5-VL under `transformers serve`; always stopped afterwards.
+
+    The server is only started here: call `server.wait_ready()` before use, so other
+    set-up (segmenting the clip) runs while it loads.
+    """
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = servable_tiny_qwen_vl(root / "tiny-qwen-vl")
+    server = ServeProcess(model_dir, root)
+    try:
+        yield server, model_dir
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def clip_nodes(tmp_path_factory):
+    """Node records of a short real clip (a synthetic one when there is no sample media):
+    K=2 (14 nodes), a few frames each."""
+    from conftest import MEDIA_DIR, make_frame_number_video
+
+    root = tmp_path_factory.mktemp("serve-clip")
+    clips = sorted(MEDIA_DIR.glob("*.mp4")) if MEDIA_DIR.is_dir() else []
+    clip = clips[0] if clips else make_frame_number_video(root / "numbered.mp4", width=320, fps=10, duration=8)
+    cache, nodes = root / "cache", root / "nodes.jsonl"
+    proc = run_lvr("segment", clip, "-o", nodes, "--cache-dir", cache, "-q", "--min-width", "2", "--max-width", "2",
+                   "--high-frames", "4", "--medium-frames", "4", "--low-frames", "3")
+    assert proc.returncode == 0, proc.stderr
+    return nodes, cache
+
+
+def expected_prompt_tokens(tokenizer, image_processor, node: dict, frames: list[bytes]) -> int:
+    """What the served model's processor should count for this node's request: the chat
+    template's tokens, with each image placeholder expanded to the image's own token count."""
+    import io
+
+    from PIL import Image
+
+    from lvr.prep.captioning import DEFAULT_SYSTEM_PROMPT, build_caption_messages
+
+    messages = build_caption_messages(node, frames, DEFAULT_SYSTEM_PROMPT)
+    messages[1]["content"] = [p if p["type"] == "text" else {"type": "image"} for p in messages[1]["content"]]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = ids["input_ids"]
+    grid = image_processor(images=[Image.open(io.BytesIO(f)).convert("RGB") for f in frames])["image_grid_thw"]
+    per_image = [int(t * h * w) // image_processor.merge_size ** 2 for t, h, w in grid.tolist()]
+    assert all(n > 1 for n in per_image)  # so a server that dropped the images would count fewer
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == len(frames)
+    return len(ids) + sum(n - 1 for n in per_image)
+
+
+def test_caption_against_transformers_serve(served_vl, clip_nodes, tmp_path):
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from lvr.prep.frames import FrameStore
+
+    server, model_dir = served_vl
+    nodes, segment_cache = clip_nodes
+    server.wait_ready()
+    cache = tmp_path / "cache"
+    shutil.copytree(segment_cache, cache)
+    out = tmp_path / "captions.jsonl"
+    args = ("--cache-dir", cache, "--base-url", server.url, "--model", server.model, "--api-key", "sk-local",
+            "--temperature", "1.0", "--max-tokens-low", "8", "--max-tokens-high", "8", "--concurrency", "2")
+    before = server.chat_requests()
+    proc = run_lvr("caption", nodes, "-o", out, *args)
+    assert proc.returncode == 0, proc.stderr + server.log()[-3000:]
+
+    node_recs = load(nodes)
+    records = load(out)
+    assert len(node_recs) == 14
+    assert sorted(tuple(r["id"]) for r in records) == sorted(tuple(n["id"]) for n in node_recs)
+    assert server.chat_requests() - before == len(node_recs)
+    assert "14 captioned, 0 from the store" in proc.stderr
+    for r in records:
+        assert r["schema"] == "lvr.caption/1" and r["caption"].strip() and not r["cached"]
+        assert r["model"] == server.model
+        assert r["tokens"]["prompt_tokens"] > 0 and 0 < r["tokens"]["completion_tokens"] <= 8
+
+    # Every frame reached the vision tower: the server's prompt count holds each image's tokens.
+    frames = FrameStore(cache / "frames")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    by_id = {tuple(r["id"]): r for r in records}
+    for node in (next(n for n in node_recs if n["level"] == lv) for lv in ("high", "medium", "low")):
+        jpegs = [frames.get(k) for k in node["frame_keys"]]
+        expected = expected_prompt_tokens(tokenizer, image_processor, node, jpegs)
+        assert by_id[tuple(node["id"])]["tokens"]["prompt_tokens"] == expected, node["level"]
+
+    # A rerun into a new output is served from the caption store: no request reaches the server.
+    requests = server.chat_requests()
+    again = run_lvr("caption", nodes, "-o", tmp_path / "again.jsonl", *args)
+    assert again.returncode == 0, again.stderr
+    assert "0 captioned, 14 from the store" in again.stderr and "in 0 requests" in again.stderr
+    assert server.chat_requests() == requests
+    assert [r["caption"] for r in sorted(load(tmp_path / "again.jsonl"), key=lambda r: r["id"])] == \
+           [r["caption"] for r in sorted(records, key=lambda r: r["id"])]
