@@ -78,7 +78,7 @@ def doctor_command(
 
       lvr doctor --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct --images 128
 
-      lvr doctor --model ./navigator --text-only --qa-model Qwen/Qwen2.5-VL-7B-Instruct --qa-base-url http://gpu1:8000/v1
+      lvr doctor --model ./navigator --text-only --qa-model Qwen/Qwen2.5-VL-7B-Instruct --qa-base-url http://gpu:8000/v1
 
       lvr doctor --config run.yaml
     """

@@ -68,9 +68,9 @@ def _names(items: list[str], limit: int = 8) -> str:
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "") if items else "none"
 
 
-def _model_flag(role: str) -> str:
+def _model_flag(role: str, what: str = "model") -> str:
     first = role.split("+")[0]
-    return "--model" if first == "main" else f"--{first}-model"
+    return f"--{what}" if first == "main" else f"--{first}-{what}"
 
 
 # -- tools -------------------------------------------------------------------
@@ -192,6 +192,8 @@ def _image_fix(error: str, role: str, spec: ModelSpec, key_sent: bool) -> str:
     if re.search(r"at most 0 image", low):
         return ("the model takes no images, or vLLM was started with an image limit of 0: serve a "
                 f"vision-language model for this role, or {LIMIT_MM_FIX}{text_only}")
+    if "context length" in low or "max_model_len" in low:
+        return _request_fix(error, spec, key_sent)
     if any(s in low for s in ("limit_mm_per_prompt", "limit-mm-per-prompt", "at most", "may be provided",
                               "too many image")):
         return LIMIT_MM_FIX
@@ -225,7 +227,7 @@ async def check_endpoint(role: str, spec: ModelSpec, *, images: int = 16, vision
         example = bad[0].rstrip("/")
         example = f"http://{example}" + ("" if example.endswith("/v1") else "/v1")
         return [Check(f"{role} endpoint {u}", False, "a base URL must start with http:// or https://",
-                      f"write it like --base-url {example}") for u in bad]
+                      f"write it like {_model_flag(role, 'base-url')} {example}") for u in bad]
     probe = OpenAIChat(spec.model or "-", list(spec.base_urls) or None, spec.api_key)
     results = await asyncio.gather(*(_check_url(role, spec, url, images, vision) for url in probe.base_urls))
     return [c for r in results for c in r]
@@ -418,20 +420,23 @@ def _hf_model_checks(role: str, kind: str, model: str, vision: bool) -> list[Che
         return [Check(name, False, f"no such folder: {path.absolute()}",
                       "check the path, or put the checkpoint there (e.g. hf download ORG/NAME --local-dir DIR)")]
     else:
-        model_type = None
-        try:
-            from transformers import AutoConfig
+        from transformers import AutoConfig
 
+        try:
             config = AutoConfig.from_pretrained(model, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached (or unreadable): ask the hub below
+            config = None
+        if config is not None:
             model_type = getattr(config, "model_type", None)
             is_vision = _vision_type(model_type, getattr(config, "auto_map", None))
             checks.append(Check(name, True, f"in the Hugging Face cache, {model_type}"))
-        except Exception:  # noqa: BLE001 - not cached (or unreadable): ask the hub below
+        else:
             offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-            download = f"download it where there is network (hf download {model} --local-dir DIR) and pass {_model_flag(role)} DIR"
+            download = (f"download it where there is network (hf download {model} --local-dir DIR) "
+                        f"and pass {_model_flag(role)} DIR")
             if offline:
-                return [Check(name, False, "not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE is set)",
-                              download)]
+                return [Check(name, False, "not a local folder and not in the Hugging Face cache "
+                                           "(HF_HUB_OFFLINE is set)", download)]
             try:
                 import huggingface_hub
 
@@ -465,7 +470,7 @@ def _device_check(role: str, device: str, need_gpu: bool) -> Check:
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
     build = f"torch {torch.__version__}" + (", a CPU-only build" if torch.version.cuda is None else "")
-    gpu_fix = "run on a machine with a CUDA GPU, or serve the model there and pass --base-url"
+    gpu_fix = f"run on a machine with a CUDA GPU, or serve the model there and pass {_model_flag(role, 'base-url')}"
     if device == "auto":
         if cuda:
             return Check(name, True, f"cuda ({count} GPU(s), {torch.cuda.get_device_name(0)})")
