@@ -1,0 +1,238 @@
+"""The RL reward: hand-worked cases and properties of the localisation F1."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from lvr.infer.environment import Visit
+from lvr.train.hints import merge_intervals
+from lvr.train.rewards import (
+    RewardParts,
+    RewardWeights,
+    answer_reward,
+    center_distance_reward,
+    composite_reward,
+    coverage,
+    localisation_f1,
+    localisation_scores,
+    precision,
+    repeat_penalty,
+)
+
+OPTIONS = ["A. a cat", "B. a dog", "C. a bird"]
+
+
+def cap(start, end, node=(1, 1, 1)):
+    """A get_caption visit of `node` spanning start..end (a Visit object)."""
+    return Visit(0, "get_caption", tuple(node), float(start), float(end))
+
+
+def qa(start, end, node=(1, 1, 1), query="what is shown?"):
+    return Visit(0, "video_qa", tuple(node), float(start), float(end), query=query)
+
+
+# --------------------------------------------------------------------------- answer
+
+def test_answer_reward():
+    assert answer_reward("B", "B", OPTIONS, "B") == 1.0
+    assert answer_reward("A", "A", OPTIONS, "B") == 0.0
+    assert answer_reward("The answer is B", None, OPTIONS, "B") == 1.0   # choice extracted
+    assert answer_reward(None, None, OPTIONS, "B") == 0.0
+    assert answer_reward("Fourier's law.", None, [], "fourier's law") == 1.0
+    assert answer_reward("Ohm's law", None, [], "Fourier's law") == 0.0
+
+
+# --------------------------------------------------------------------------- localisation, hand-worked
+
+def test_full_overlap():
+    s = localisation_scores([cap(10, 20)], [(10, 20)])
+    assert (s.coverage, s.precision, s.f1) == (1.0, 1.0, 1.0)
+
+
+def test_no_overlap():
+    s = localisation_scores([cap(30, 40)], [(10, 20)])
+    assert (s.coverage, s.precision, s.f1) == (0.0, 0.0, 0.0)
+    assert localisation_f1([cap(0, 10)], [(10, 20)]) == 0.0        # touching is not overlapping
+
+
+def test_partial_overlap():
+    # clue 10-20, visit 15-25: overlap 5, coverage 5/10, precision 5/10, F1 0.5
+    s = localisation_scores([cap(15, 25)], [(10, 20)])
+    assert s.coverage == pytest.approx(0.5)
+    assert s.precision == pytest.approx(0.5)
+    assert s.f1 == pytest.approx(0.5)
+
+
+def test_partial_overlap_uneven():
+    # clue 10-20, visit 0-40: overlap 10, coverage 1, precision 10/40, F1 2·1·0.25/1.25 = 0.4
+    s = localisation_scores([cap(0, 40)], [(10, 20)])
+    assert (s.coverage, s.precision) == (1.0, 0.25)
+    assert s.f1 == pytest.approx(0.4)
+    # clue 0-40, visit 10-20: coverage 0.25, precision 1, same F1
+    s = localisation_scores([cap(10, 20)], [(0, 40)])
+    assert (s.coverage, s.precision) == (0.25, 1.0)
+    assert s.f1 == pytest.approx(0.4)
+
+
+def test_nested_visits_use_the_union():
+    # medium node 0-40, then a low node 10-20 inside it: union 40, not 50
+    visits = [cap(0, 40, (1, 1)), cap(10, 20, (1, 1, 2))]
+    s = localisation_scores(visits, [(10, 20)])
+    assert (s.coverage, s.precision) == (1.0, 0.25)
+    assert s.f1 == pytest.approx(0.4)
+
+
+def test_repeated_visits_not_double_counted():
+    s = localisation_scores([cap(15, 25), cap(15, 25), cap(15, 25)], [(10, 20)])
+    assert s.f1 == pytest.approx(0.5)
+
+
+def test_two_clues_and_two_visits():
+    # clues 0-10 and 30-40 (20 s); visits 5-15 and 35-45 (20 s); overlap 5 + 5 = 10
+    s = localisation_scores([cap(5, 15), cap(35, 45)], [(0, 10), (30, 40)])
+    assert (s.coverage, s.precision) == (0.5, 0.5)
+    assert s.f1 == pytest.approx(0.5)
+
+
+def test_video_qa_ignored_for_f1():
+    # a video_qa visit exactly on the clue adds nothing; the caption visit alone decides
+    assert localisation_f1([cap(15, 25), qa(10, 20)], [(10, 20)]) == pytest.approx(0.5)
+    assert localisation_f1([qa(10, 20)], [(10, 20)]) == 0.0
+
+
+def test_high_nodes_ignored_for_f1():
+    assert localisation_f1([cap(0, 100, node=(1,))], [(10, 20)]) == 0.0
+
+
+def test_empty_trajectory():
+    assert localisation_scores([], [(10, 20)]) == localisation_scores([], [])
+    assert localisation_f1([], [(10, 20)]) == 0.0
+    assert repeat_penalty([]) == 0.0
+    assert center_distance_reward([], [(10, 20)], 100) == 0.0
+    assert localisation_f1([cap(10, 20)], []) == 0.0                # no clues: nothing to find
+
+
+def test_records_and_objects_agree():
+    record = cap(15, 25, (1, 2)).to_record()
+    assert isinstance(record["node"], list)
+    assert localisation_f1([record], [[10, 20]]) == localisation_f1([cap(15, 25, (1, 2))], [(10, 20)])
+    assert repeat_penalty([record, cap(15, 25, (1, 2))]) == 1.0
+
+
+# --------------------------------------------------------------------------- repeats
+
+def test_repeat_penalty():
+    a, b = cap(0, 10, (1, 1)), cap(10, 20, (1, 2))
+    assert repeat_penalty([a, b]) == 0.0
+    assert repeat_penalty([a, a, b]) == pytest.approx(0.5)              # (3 - 2) / 2
+    assert repeat_penalty([a, a, a, a]) == pytest.approx(3.0)           # (4 - 1) / 1
+    leaf = (1, 1, 1)
+    # video_qa: another question on the same leaf is a new call; the same question again repeats
+    assert repeat_penalty([cap(0, 5, leaf), qa(0, 5, leaf, "who?"), qa(0, 5, leaf, "where?")]) == 0.0
+    assert repeat_penalty([qa(0, 5, leaf, "Who?"), qa(0, 5, leaf, " who? ")]) == pytest.approx(1.0)
+    # the same node with a different tool is not a repeat
+    assert repeat_penalty([cap(0, 5, leaf), qa(0, 5, leaf)]) == 0.0
+
+
+# --------------------------------------------------------------------------- center distance
+
+def test_center_distance():
+    clue = [(40, 60)]                                    # centre 50
+    assert center_distance_reward([cap(45, 55)], clue, 100) == 1.0
+    assert center_distance_reward([cap(0, 100)], clue, 100) == 1.0          # same centre, no matter the size
+    assert center_distance_reward([cap(0, 10)], clue, 100) == pytest.approx(1 - 45 / 100)
+    assert center_distance_reward([cap(90, 100)], clue, 200) == pytest.approx(1 - 45 / 200)
+    # dense with no overlap: far is smaller than near, and both are above 0
+    near, far = center_distance_reward([cap(60, 70)], clue, 100), center_distance_reward([cap(90, 100)], clue, 100)
+    assert 0 < far < near < 1
+    # the mean over distinct visited spans; repeats count once; video_qa ignored
+    assert center_distance_reward([cap(45, 55), cap(0, 10), cap(0, 10), qa(90, 100)], clue, 100) == \
+        pytest.approx((1 + 0.55) / 2)
+    # nearest clue centre
+    assert center_distance_reward([cap(0, 10)], [(0, 10), (80, 100)], 100) == 1.0
+    with pytest.raises(ValueError):
+        center_distance_reward([cap(0, 10)], clue, 0)
+
+
+def test_center_distance_monotone():
+    clue = [(40, 60)]
+    scores = [center_distance_reward([cap(45 + d, 55 + d)], clue, 100) for d in range(0, 60, 5)]
+    assert scores[0] == 1.0
+    assert all(a > b for a, b in zip(scores, scores[1:]))
+
+
+# --------------------------------------------------------------------------- composite
+
+def test_composite_default_weights():
+    # right answer; visits 15-25 (F1 0.5) twice plus 30-40: calls 3, unique 2, repeat 0.5
+    visits = [cap(15, 25, (1, 2)), cap(15, 25, (1, 2)), cap(30, 40, (1, 3))]
+    parts = composite_reward(answer="B", choice="B", options=OPTIONS, reference="B",
+                             visits=visits, clues=[(10, 20)], duration=100)
+    # union 15-25 + 30-40 = 20 s, overlap 5: coverage 0.5, precision 0.25, F1 = 0.25/0.75 = 1/3
+    assert parts.answer == 1.0
+    assert parts.localisation == pytest.approx(1 / 3)
+    assert parts.repeat == pytest.approx(0.5)
+    assert parts.total == pytest.approx(1 + 1 / 3 - 0.2 * 0.5)
+    assert parts.center_distance > 0                    # logged even with weight 0 ...
+    assert parts.total == pytest.approx(parts.answer + parts.localisation - 0.2 * parts.repeat)  # ... not added
+    rec = parts.to_record()
+    assert set(rec) == {"answer", "localisation", "repeat", "center_distance", "total"}
+
+
+def test_composite_no_tool_calls_is_answer_reward():
+    for given_answer, expected in (("B", 1.0), ("A", 0.0)):
+        parts = composite_reward(answer=given_answer, choice=given_answer, options=OPTIONS, reference="B",
+                                 visits=[], clues=[(10, 20)], duration=100)
+        assert parts == RewardParts(answer=expected, localisation=0.0, repeat=0.0, center_distance=0.0,
+                                    total=expected)
+
+
+def test_composite_weights():
+    w = RewardWeights(answer=2.0, localisation=0.5, repeat=1.0, center_distance=1.0)
+    parts = composite_reward(answer="C", choice="C", options=OPTIONS, reference="B",
+                             visits=[cap(15, 25), cap(15, 25)], clues=[(10, 20)], duration=100, weights=w)
+    # wrong answer, F1 0.5, repeat 1, centre 20 vs 15: CD 1 - 5/100
+    assert parts.total == pytest.approx(0 + 0.5 * 0.5 - 1.0 * 1.0 + 0.95)
+    with pytest.raises(ValueError):
+        composite_reward(answer="B", choice="B", options=OPTIONS, reference="B",
+                         visits=[], clues=[(10, 20)], weights=w)
+    assert RewardWeights() == RewardWeights(1.0, 1.0, 0.2, 0.0)
+
+
+# --------------------------------------------------------------------------- properties
+
+times = st.floats(min_value=0, max_value=1000, allow_nan=False, allow_infinity=False)
+span = st.tuples(times, times).map(lambda t: (min(t), max(t)))
+visit_lists = st.lists(span, max_size=6).map(lambda spans: [cap(s, e) for s, e in spans])
+clue_lists = st.lists(span, min_size=1, max_size=4).map(merge_intervals)
+
+
+@settings(max_examples=300)
+@given(visit_lists, clue_lists)
+def test_scores_in_unit_interval(visits, clues):
+    s = localisation_scores(visits, clues)
+    for value in (s.coverage, s.precision, s.f1):
+        assert 0.0 <= value <= 1.0
+    assert s.f1 <= max(s.coverage, s.precision) + 1e-12
+
+
+@settings(max_examples=300)
+@given(clue_lists)
+def test_visiting_exactly_the_clue_gives_one(clues):
+    assume(sum(e - s for s, e in clues) > 0)
+    visits = [cap(s, e) for s, e in clues if e > s]
+    assert localisation_f1(visits, clues) == 1.0
+
+
+@settings(max_examples=300)
+@given(visit_lists, clue_lists, st.floats(min_value=0.001, max_value=500), st.floats(min_value=0, max_value=500),
+       st.booleans())
+def test_far_away_visit_never_raises_precision(visits, clues, length, gap, left):
+    lo = min([s for s, _ in clues] + [v.start for v in visits])
+    hi = max([e for _, e in clues] + [v.end for v in visits])
+    far = cap(lo - gap - length, lo - gap) if left else cap(hi + gap, hi + gap + length)
+    before = precision(visits, clues)
+    assert precision(visits + [far], clues) <= before
+    assert coverage(visits + [far], clues) == coverage(visits, clues)
