@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 from ..prep.models.base import ChatModel, GenerationOptions, Message, ModelError
 from ..prep.tree import node_count
@@ -38,6 +39,34 @@ class Stop:
     MAX_ROUNDS = "max_rounds"
     INVALID = "invalid"
     ERROR = "error"
+    GAVE_UP = "gave_up"       # a reviewer rejected an answer and had no hint left
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A reviewer's judgement of an answer turn (teacher synthesis uses one; `ask` has none)."""
+
+    accept: bool
+    hint: str | None = None     # when not accepted: drop the turn, show this, and go on; None gives up
+    level: int = 0
+    ids: tuple = ()             # node ids the hint names
+
+
+@dataclass
+class Hint:
+    level: int
+    text: str
+    after_turn: int             # kept assistant turns before it
+    message_index: int          # the user message it was appended to
+    ids: tuple = ()
+
+
+Review = Callable[["AgentResult", "Turn"], Awaitable[Verdict]]
+
+
+def hint_suffix(text: str) -> str:
+    """How a hint is appended to the last user message."""
+    return f"\n\n{text}"
 
 
 @dataclass
@@ -48,6 +77,7 @@ class Turn:
     result: str | None = None       # the tool result or correction the model read next
     breach: str | None = None       # parser or environment rule breach
     seconds: float = 0.0
+    dropped: bool = False           # a rejected answer, left out of the conversation
 
     def to_record(self) -> dict:
         p = self.parsed
@@ -60,7 +90,7 @@ class Turn:
                        "query": call.query if call else None,
                        "call": call.render() if call else None,
                        "answer": p.answer, "error": self.breach},
-            "result": self.result, "seconds": round(self.seconds, 3),
+            "result": self.result, "seconds": round(self.seconds, 3), "dropped": self.dropped,
         }
 
 
@@ -76,6 +106,15 @@ class AgentResult:
     messages: list[Message] = field(default_factory=list)
     reasoning: RoleUsage = field(default_factory=RoleUsage)
     seconds: float = 0.0
+    hints: list[Hint] = field(default_factory=list)
+
+    def clean_messages(self) -> list[Message]:
+        """The conversation without hint text: what `ask` would have sent and received."""
+        messages = [dict(m) for m in self.messages]
+        for hint in self.hints:
+            m = messages[hint.message_index]
+            m["content"] = m["content"].replace(hint_suffix(hint.text), "", 1)
+        return messages
 
     def accounting(self, env: VideoEnv) -> dict:
         """Rounds, caption calls made vs served from the store, video_qa calls, tokens per role."""
@@ -94,11 +133,14 @@ class AgentResult:
 
 
 async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tuple[str, ...] | list[str] = (),
-                    *, template: str, agent: AgentOptions = AgentOptions()) -> AgentResult:
+                    *, template: str, agent: AgentOptions = AgentOptions(),
+                    review: Review | None = None) -> AgentResult:
     """Navigate until the model answers, runs out of rounds, or keeps breaking the rules.
 
     Model and tool failures end the run with `stopped="error"` and a one-line
-    `error`; everything up to then stays in the result.
+    `error`; everything up to then stays in the result. With `review`, an
+    answer it rejects is dropped from the conversation and its hint appended
+    to the last user message, and the loop goes on (teacher synthesis).
     """
     started = time.perf_counter()
     options = tuple(options)
@@ -136,6 +178,21 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
             result.answer = parsed.answer
             result.choice = extract_choice(parsed.answer, options)
             result.stopped = Stop.ANSWERED
+            verdict = await review(result, turn) if review is not None else Verdict(True)
+            if not verdict.accept:
+                turn.dropped = True
+                messages.pop()
+                if verdict.hint is None or last:
+                    result.stopped = Stop.GAVE_UP
+                else:
+                    result.stopped, result.answer, result.choice = Stop.MAX_ROUNDS, None, None
+                    kept = sum(1 for t in result.turns if not t.dropped)
+                    index = len(messages) - 1
+                    result.hints.append(Hint(verdict.level, verdict.hint, kept, index, verdict.ids))
+                    messages[index] = {**messages[index],
+                                       "content": messages[index]["content"] + hint_suffix(verdict.hint)}
+                    turn.seconds = time.perf_counter() - turn_started
+                    continue
         elif last:
             turn.breach = turn.breach or Breach.TOOL_ON_LAST_ROUND
             result.stopped = Stop.MAX_ROUNDS
@@ -149,7 +206,7 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
         else:
             turn.result = parsed.message
         turn.seconds = time.perf_counter() - turn_started
-        if result.stopped in (Stop.ANSWERED, Stop.ERROR) or last:
+        if result.stopped in (Stop.ANSWERED, Stop.ERROR, Stop.GAVE_UP) or last:
             break
         invalid_in_a_row = invalid_in_a_row + 1 if turn.breach else 0
         if turn.breach and invalid_in_a_row > agent.max_invalid:

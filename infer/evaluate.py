@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from ..prep.jsonl import JsonlWriter, dumps, write_atomic
 from .benchmarks import EvalFormatError, EvalItem, load_eval_items, resolve_item_video
 from .navigator import Asked, Navigator, NavigatorOptions, build_trace
+from .protocol import answer_matches
 
 EVAL_SCHEMA = "lvr.eval/1"
 SUMMARY_SCHEMA = "lvr.eval_summary/1"
@@ -35,16 +35,8 @@ class EvalOptions:
     max_questions: int | None = None
 
 
-def _normal_text(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 def is_correct(item: EvalItem, asked: Asked) -> bool:
-    """Multiple choice: the letter matches. Open: the same words, ignoring case and punctuation."""
-    result = asked.result
-    if item.options:
-        return result.choice is not None and result.choice == item.answer.strip().upper()
-    return result.answer is not None and _normal_text(result.answer) == _normal_text(item.answer)
+    return answer_matches(asked.result.answer, asked.result.choice, item.options, item.answer)
 
 
 def result_record(item: EvalItem, asked: Asked, trace: dict, correct: bool) -> dict:

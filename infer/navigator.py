@@ -11,6 +11,7 @@ import asyncio
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from .. import __version__
 from ..prep.caption_store import CaptionStore
@@ -24,7 +25,7 @@ from ..prep.models import ModelSpec
 from ..prep.models.base import ChatModel, ModelError
 from ..prep.segment import SegmentOptions, load_or_segment
 from ..prep.tree import TreeOptions
-from .agent import AgentOptions, AgentResult, run_agent
+from .agent import AgentOptions, AgentResult, Review, run_agent
 from .environment import VideoEnv
 from .protocol import load_system_prompt, protocol_hash
 from .video_qa import DEFAULT_QA_SYSTEM_PROMPT, VideoQA, qa_prompt_hash
@@ -144,8 +145,12 @@ class Navigator:
         return self.options.settings(self.template, self.caption_prompt, subtitles)
 
     async def ask(self, video: "str | os.PathLike", question: str, options: tuple[str, ...] = (),
-                  *, subtitles: bool = True, nodes: list[dict] | None = None) -> Asked:
-        """Answer one question about one video. Failures come back in `Asked.error`, never raised."""
+                  *, subtitles: bool = True, nodes: list[dict] | None = None,
+                  make_review: Callable[[VideoEnv], Review] | None = None) -> Asked:
+        """Answer one question about one video. Failures come back in `Asked.error`, never raised.
+
+        `make_review(env)` gives a reviewer for the answers (teacher synthesis).
+        """
         from ..prep.probe import VideoError
         from .environment import EnvError
 
@@ -158,7 +163,8 @@ class Navigator:
             empty.stopped, empty.error = "error", str(e)
             return Asked(empty, None, settings, str(video), str(e))
         result = await run_agent(self.model(self.options.reasoning), env, question, options,
-                                 template=self.template, agent=self.options.agent)
+                                 template=self.template, agent=self.options.agent,
+                                 review=make_review(env) if make_review else None)
         return Asked(result, env, settings, str(video), result.error)
 
     async def aclose(self) -> None:

@@ -417,6 +417,18 @@ def extract_choice(answer: str | None, options: list[str] | tuple[str, ...]) -> 
     return lone.pop() if len(lone) == 1 else None
 
 
+def _normal_text(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def answer_matches(answer: str | None, choice: str | None, options, reference: str) -> bool:
+    """Multiple choice: the chosen letter is the reference letter. Open: the same words,
+    ignoring case and punctuation."""
+    if options:
+        return choice is not None and choice == reference.strip().upper()
+    return answer is not None and _normal_text(answer) == _normal_text(reference)
+
+
 def normalise_options(options) -> tuple[str, ...]:
     """['a cat', 'a dog'] -> ('A. a cat', 'B. a dog'); options already lettered stay as they are."""
     out = []

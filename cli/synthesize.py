@@ -1,0 +1,198 @@
+"""`lvr synthesize`: teacher trajectories through the `ask` loop; lint them; export SFT data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, OutputOption, QuietOption, fail_usage,
+                     say)
+from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
+                            CaptionBaseUrlOption, CaptionMaxTokensOption, CaptionModelOption, CaptionPromptOption,
+                            CaptionSideOption, CaptionTemperatureOption, ConcurrencyOption, DeviceOption,
+                            HighFramesOption, LowFramesOption, MaxInvalidOption, MaxRetriesOption, MaxRoundsOption,
+                            MaxTokensOption, MaxWidthOption, MediumFramesOption, MinWidthOption, QaApiKeyOption,
+                            QaBackendOption, QaBaseUrlOption, QaMaxTokensOption, QaModelOption, QaSideOption,
+                            SeedOption, SegmentSecondsOption, SystemPromptOption, TemperatureOption, TimeoutOption,
+                            navigator_options, MAIN_PANEL)
+
+MODES_PANEL = "Other modes (instead of synthesizing)"
+DATA_PANEL = "QA items"
+
+
+def synthesize_command(
+    qa: Optional[str] = typer.Argument(None, metavar="QA.jsonl|-",
+                                       help="QA items with clue intervals: native lvr.qa/1 JSONL or CG-Bench JSON."),
+    output: Optional[Path] = OutputOption,
+    teacher_model: Optional[str] = typer.Option(None, "--teacher-model", "--model", rich_help_panel=MAIN_PANEL,
+                                                help="The teacher (any OpenAI-compatible model, or in process)."),
+    video_dir: Optional[Path] = typer.Option(None, "--video-dir", metavar="DIR", rich_help_panel=DATA_PANEL,
+                                             help="Where the items' videos are (default: the QA file's folder). "
+                                                  "Paths may not leave it."),
+    fmt: str = typer.Option("auto", "--format", rich_help_panel=DATA_PANEL, help="auto, native or cgbench."),
+    max_items: Optional[int] = typer.Option(None, "--max-items", min=1, rich_help_panel=DATA_PANEL,
+                                            help="Only the first N items."),
+    item_concurrency: int = typer.Option(4, "--item-concurrency", min=1, rich_help_panel=DATA_PANEL,
+                                         help="Items worked on at once."),
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", min=1, rich_help_panel=DATA_PANEL,
+                                               help="Stop starting new items once the teacher has used this "
+                                                    "many tokens; items in flight finish and are written."),
+    clue_gap: float = typer.Option(5.0, "--clue-gap", min=0.0, rich_help_panel=DATA_PANEL,
+                                   help="Merge clue intervals less than this many seconds apart."),
+    no_subtitles: bool = typer.Option(False, "--no-subtitles", help="Do not show subtitles to the captioner."),
+    price_prompt: Optional[float] = typer.Option(None, "--price-prompt", min=0.0, metavar="USD",
+                                                 help="Teacher price per million prompt tokens, for the cost field."),
+    price_completion: Optional[float] = typer.Option(None, "--price-completion", min=0.0, metavar="USD",
+                                                     help="Teacher price per million completion tokens."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print the estimated requests and tokens, and call no model."),
+    lint: Optional[Path] = typer.Option(None, "--lint", metavar="FILE", rich_help_panel=MODES_PANEL,
+                                        help="Check the trajectories in FILE against the protocol rules."),
+    export_sft: Optional[Path] = typer.Option(None, "--export-sft", metavar="FILE", rich_help_panel=MODES_PANEL,
+                                              help="Turn the accepted trajectories in FILE into SFT data at -o."),
+    sft_format: str = typer.Option("trl", "--sft-format", rich_help_panel=MODES_PANEL,
+                                   help="With --export-sft: trl (messages JSONL) or llamafactory "
+                                        "(-o is a folder: sharegpt JSON plus dataset_info.json)."),
+    per_turn: bool = typer.Option(False, "--per-turn", rich_help_panel=MODES_PANEL,
+                                  help="With --export-sft: one sample per assistant turn."),
+    cache_dir: Optional[Path] = CacheDirOption,
+    backend: str = BackendOption, base_url: List[str] = BaseUrlOption, api_key: Optional[str] = ApiKeyOption,
+    caption_backend: Optional[str] = CaptionBackendOption, caption_model: Optional[str] = CaptionModelOption,
+    caption_base_url: List[str] = CaptionBaseUrlOption, caption_api_key: Optional[str] = CaptionApiKeyOption,
+    qa_backend: Optional[str] = QaBackendOption, qa_model: Optional[str] = QaModelOption,
+    qa_base_url: List[str] = QaBaseUrlOption, qa_api_key: Optional[str] = QaApiKeyOption,
+    concurrency: int = ConcurrencyOption, timeout: float = TimeoutOption, max_retries: int = MaxRetriesOption,
+    device: str = DeviceOption,
+    max_rounds: int = MaxRoundsOption, max_invalid: int = MaxInvalidOption, max_tokens: int = MaxTokensOption,
+    temperature: float = TemperatureOption, seed: Optional[int] = SeedOption,
+    system_prompt: Optional[Path] = SystemPromptOption, caption_system_prompt: Optional[Path] = CaptionPromptOption,
+    min_width: int = MinWidthOption, max_width: int = MaxWidthOption, segment_seconds: float = SegmentSecondsOption,
+    high_frames: int = HighFramesOption, medium_frames: int = MediumFramesOption, low_frames: int = LowFramesOption,
+    caption_side: int = CaptionSideOption, qa_side: int = QaSideOption,
+    caption_max_tokens: Optional[int] = CaptionMaxTokensOption,
+    caption_temperature: float = CaptionTemperatureOption, qa_max_tokens: int = QaMaxTokensOption,
+    quiet: bool = QuietOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Have a teacher model write chain-of-thought tool trajectories over the caption tree.
+
+    The teacher runs the same loop, tools and prompts as `lvr ask`. When it
+    answers wrongly, that turn is dropped and a hint is shown: first the high
+    clips that cover the clue, then the (high, medium) clips, then a nudge to
+    verify with video_qa; after that the item is given up. Clue intervals less
+    than --clue-gap seconds apart are merged. One lvr.trajectory/1 record per
+    item is appended as soon as it ends; its `messages` are the clean
+    conversation (no hint text), ready for SFT. A rerun skips finished items.
+
+    Exit status: 0 all items done, 1 some failed (each named on stderr) or lint found problems, 2 usage error.
+
+    Examples:
+
+      lvr synthesize cgbench.json --video-dir cgbench/videos --teacher-model gpt-5 --base-url https://api.openai.com/v1 --caption-base-url http://localhost:8001/v1 --caption-model Qwen/Qwen2.5-VL-7B-Instruct -o trajectories.jsonl
+
+      lvr synthesize qa.jsonl --teacher-model M --base-url U --dry-run
+
+      lvr synthesize qa.jsonl --config teacher.yaml --token-budget 5000000 --max-items 500 -o trajectories.jsonl
+
+      lvr synthesize --lint trajectories.jsonl
+
+      lvr synthesize --export-sft trajectories.jsonl --per-turn -o sft.jsonl
+
+      lvr synthesize --export-sft trajectories.jsonl --sft-format llamafactory -o data/
+    """
+    if lint is not None:
+        raise typer.Exit(_lint(lint, quiet))
+    if export_sft is not None:
+        raise typer.Exit(_export(export_sft, output, sft_format, per_turn))
+    if qa is None:
+        raise fail_usage("give a QA file (or --lint FILE / --export-sft FILE)")
+
+    from ..infer.benchmarks import EvalFormatError
+    from ..prep.cache import resolve_cache_dir
+    from ..prep.models.base import ModelError
+    from ..train.synthesize import SynthesizeOptions, estimate, load_items, run_synthesize
+
+    log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr synthesize: {msg}"))
+    try:
+        nav = navigator_options(
+            backend=backend, model=teacher_model, base_url=base_url, api_key=api_key,
+            caption_backend=caption_backend, caption_model=caption_model, caption_base_url=caption_base_url,
+            caption_api_key=caption_api_key, qa_backend=qa_backend, qa_model=qa_model, qa_base_url=qa_base_url,
+            qa_api_key=qa_api_key, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+            device=device, max_rounds=max_rounds, max_invalid=max_invalid, max_tokens=max_tokens,
+            temperature=temperature, seed=seed, system_prompt=system_prompt,
+            caption_system_prompt=caption_system_prompt, min_width=min_width, max_width=max_width,
+            segment_seconds=segment_seconds, high_frames=high_frames, medium_frames=medium_frames,
+            low_frames=low_frames, caption_side=caption_side, qa_side=qa_side,
+            caption_max_tokens=caption_max_tokens, caption_temperature=caption_temperature,
+            qa_max_tokens=qa_max_tokens)
+        options = SynthesizeOptions(format=fmt, video_dir=video_dir, concurrency=item_concurrency,
+                                    max_items=max_items, token_budget=token_budget, clue_gap_s=clue_gap,
+                                    subtitles=not no_subtitles, price_prompt_per_m=price_prompt,
+                                    price_completion_per_m=price_completion)
+        if dry_run:
+            items, errors = load_items(qa, options)
+            for err in errors:
+                say(f"lvr synthesize: error: {err}")
+            vdir = video_dir or (Path(qa).parent if qa != "-" else Path.cwd())
+            for line in estimate(items, vdir, nav, options).lines():
+                typer.echo(line)
+            raise typer.Exit(EXIT_SOME_FAILED if errors else EXIT_OK)
+        summary = run_synthesize(qa, output, nav, resolve_cache_dir(cache_dir), options, log=log,
+                                 progress=not quiet)
+    except (ModelError, EvalFormatError, ValueError, OSError) as e:
+        raise fail_usage(str(e))
+    if quiet:
+        for err in summary.load_errors + summary.failed:
+            say(f"lvr synthesize: error: {err}")
+    t = summary.teacher
+    say(f"lvr synthesize: {summary.written} trajectories written ({summary.accepted} accepted), "
+        f"{summary.skipped} already done, {len(summary.failed)} failed, {len(summary.load_errors)} bad records; "
+        f"teacher {t.prompt_tokens} prompt + {t.completion_tokens} completion tokens in {t.requests} requests; "
+        f"{summary.seconds:.1f} s")
+    if summary.budget_stopped:
+        say(f"lvr synthesize: token budget reached: {summary.not_started} items not started "
+            f"(rerun with a larger --token-budget to go on)")
+    raise typer.Exit(EXIT_SOME_FAILED if (summary.failed or summary.load_errors) else EXIT_OK)
+
+
+def _lint(path: Path, quiet: bool) -> int:
+    from ..train.lint import lint_file
+
+    from ..infer.benchmarks import EvalFormatError
+
+    try:
+        report = lint_file(str(path))
+    except (OSError, ValueError, EvalFormatError) as e:
+        raise fail_usage(f"{path}: {e}")
+    for line in report.lines():
+        typer.echo(line)
+    counts = ", ".join(f"{code} {n}" for code, n in sorted(report.counts().items())) or "no problems"
+    say(f"lvr synthesize --lint: {report.records} trajectories, {report.clean} clean; {counts}")
+    return EXIT_SOME_FAILED if report.issues else EXIT_OK
+
+
+def _export(path: Path, output: Optional[Path], fmt: str, per_turn: bool) -> int:
+    from ..prep.jsonl import RecordError, read_jsonl
+    from ..train.sft_data import sft_samples, write_llamafactory, write_trl_jsonl
+
+    if fmt not in ("trl", "llamafactory"):
+        raise fail_usage(f"--sft-format takes trl or llamafactory, not {fmt!r}")
+    if output is None:
+        raise fail_usage("--export-sft needs -o (a file for trl, a folder for llamafactory)")
+    try:
+        records = [rec for _, rec in read_jsonl(str(path))]
+    except (OSError, RecordError) as e:
+        raise fail_usage(f"{path}: {e}")
+    samples, stats = sft_samples(records, per_turn=per_turn)
+    if fmt == "trl":
+        write_trl_jsonl(samples, output)
+        where = str(output)
+    else:
+        data, info = write_llamafactory(samples, output)
+        where = f"{data} and {info}"
+    say(f"lvr synthesize --export-sft: {len(samples)} samples from "
+        + ", ".join(f"{k} {v}" for k, v in stats.items()) + f" -> {where}")
+    return EXIT_OK

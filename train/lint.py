@@ -1,0 +1,280 @@
+"""`lvr synthesize --lint FILE`: check trajectory records against the protocol rules.
+
+Every assistant turn of a trajectory's ``messages`` is judged by the same parser
+the agent uses (`lvr.infer.protocol.parse_turn`), so a turn that lint passes is
+one that `ask` would have accepted. On top of that, whole-conversation rules:
+
+- roles run system, user, then assistant/user alternating, ending on assistant;
+- ``video_qa`` on a leaf only after a ``get_caption`` of that leaf in an earlier turn;
+- the last assistant turn is an answer, and no answer comes before it;
+- an accepted record's final answer is right (`lvr.infer.protocol.answer_matches`);
+- no hint text, nor the hint marker, anywhere in the messages (hints must never
+  reach SFT data).
+
+Each problem is a `LintIssue` with the file line, the qid and the assistant turn
+(1-based), and a code: a `lvr.infer.protocol.Breach` code for a turn the parser
+refuses, or one of the codes below.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable
+
+from ..infer.benchmarks import EvalFormatError, _read_text
+from ..infer.protocol import Breach, answer_matches, correction, extract_choice, format_id, parse_turn
+from .hints import HINT_PREFIX
+
+__all__ = ["HINT_PREFIX", "LintFileError", "TRAJECTORY_SCHEMA", "FATAL_CODES", "LintIssue", "LintReport", "hint_leaks",
+           "lint_trajectory", "lint_records", "lint_file"]
+
+TRAJECTORY_SCHEMA = "lvr.trajectory/1"
+
+
+# Codes beyond the parser's Breach codes.
+NOT_JSON = "not_json"            # the line is not a JSON object
+BAD_SCHEMA = "bad_schema"        # not an lvr.trajectory/1 record
+BAD_RECORD = "bad_record"        # a field the checks need is missing or malformed (K, messages ...)
+BAD_ROLES = "bad_roles"          # roles do not run system, user, assistant, user, ..., assistant
+NO_ANSWER = "no_answer"          # the conversation does not end with an answer turn
+ANSWER_BEFORE_END = "answer_before_end"   # an answer turn that is not the last assistant turn
+WRONG_ANSWER = "wrong_answer"    # accepted, but the final answer does not pick the right option
+HINT_LEAK = "hint_leak"          # hint text or the hint marker inside the messages
+DUPLICATE_QID = "duplicate_qid"  # a qid already seen earlier in the file
+
+# A record with one of these cannot become a training sample at all, whatever the options.
+FATAL_CODES = frozenset({NOT_JSON, BAD_SCHEMA, BAD_RECORD, BAD_ROLES, NO_ANSWER, HINT_LEAK})
+
+
+class LintFileError(EvalFormatError, ValueError):
+    """The trajectory file cannot be read at all (missing, a directory, not UTF-8). One line."""
+
+
+@dataclass
+class LintIssue:
+    line: int
+    qid: str | None
+    turn: int | None     # 1-based assistant turn, when the issue belongs to one
+    code: str
+    detail: str
+
+    def to_record(self) -> dict:
+        return {"line": self.line, "qid": self.qid, "turn": self.turn, "code": self.code, "detail": self.detail}
+
+
+@dataclass
+class LintReport:
+    records: int = 0             # non-blank lines read
+    clean: int = 0               # linted records without issues
+    issues: list[LintIssue] = field(default_factory=list)
+    rejected: int = 0            # records with accepted != true
+    rejected_skipped: int = 0    # of those, not linted (include_rejected=False)
+    path: str = "-"
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+    def counts(self) -> dict[str, int]:
+        """Issues per code, most frequent first."""
+        return dict(sorted(Counter(i.code for i in self.issues).items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def offending_lines(self) -> list[int]:
+        return sorted({i.line for i in self.issues})
+
+    def lines(self) -> list[str]:
+        """One line per issue: ``file:line: qid turn N: code: detail``."""
+        out = []
+        for i in self.issues:
+            where = " ".join(x for x in (i.qid or "", f"turn {i.turn}" if i.turn else "") if x)
+            out.append(f"{self.path}:{i.line}: {where + ': ' if where else ''}{i.code}: {i.detail}")
+        return out
+
+    def summary(self) -> str:
+        linted = self.records - self.rejected_skipped
+        text = (f"{self.path}: {self.records} records, {linted} linted, {self.clean} clean, "
+                f"{len(self.issues)} issues on {len(self.offending_lines())} lines")
+        if self.rejected_skipped:
+            text += f"; {self.rejected_skipped} rejected not linted (--include-rejected to lint them)"
+        if self.issues:
+            text += "\n  " + ", ".join(f"{code}: {n}" for code, n in self.counts().items())
+            text += "\n  lines: " + ", ".join(map(str, self.offending_lines()))
+        return text
+
+    def to_record(self) -> dict:
+        return {"path": self.path, "records": self.records, "clean": self.clean, "rejected": self.rejected,
+                "rejected_skipped": self.rejected_skipped, "counts": self.counts(),
+                "offending_lines": self.offending_lines(), "issues": [i.to_record() for i in self.issues]}
+
+
+def _short(text: str, n: int = 80) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def hint_leaks(rec: dict) -> list[tuple[int, str]]:
+    """(message index, what leaked) for every message holding a hint text or the hint marker."""
+    texts = []
+    hints = rec.get("hints")
+    if isinstance(hints, list):
+        for h in hints:
+            t = h.get("text") if isinstance(h, dict) else None
+            if isinstance(t, str) and t.strip():
+                texts.append(t.strip())
+    out = []
+    messages = rec.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, str):
+            continue
+        found = next((t for t in texts if t in content), None)
+        if found is not None:
+            out.append((i, f"hint text {_short(found, 60)!r}"))
+        elif HINT_PREFIX in content:
+            out.append((i, f"hint marker {HINT_PREFIX!r}"))
+    return out
+
+
+def _k(rec: dict) -> int | None:
+    k = rec.get("K")
+    return k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else None
+
+
+def lint_trajectory(rec: dict, line: int) -> list[LintIssue]:
+    """Every rule breach in one trajectory record (accepted or not)."""
+    qid = rec.get("qid") if isinstance(rec.get("qid"), str) else (
+        str(rec["qid"]) if isinstance(rec.get("qid"), int) else None)
+    issues: list[LintIssue] = []
+
+    def add(code: str, detail: str, turn: int | None = None) -> None:
+        issues.append(LintIssue(line, qid, turn, code, detail))
+
+    schema = rec.get("schema")
+    if schema != TRAJECTORY_SCHEMA:
+        add(BAD_SCHEMA, f"schema {schema!r} is not {TRAJECTORY_SCHEMA!r}")
+        return issues
+    k = _k(rec)
+    if k is None:
+        add(BAD_RECORD, f"'K' must be a whole number >= 1, got {json.dumps(rec.get('K'), default=str)}")
+    messages = rec.get("messages")
+    if not isinstance(messages, list) or not messages:
+        add(BAD_RECORD, "'messages' must be a non-empty list")
+        return issues
+    if any(not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str)
+           for m in messages):
+        bad = next(i for i, m in enumerate(messages)
+                   if not isinstance(m, dict) or not isinstance(m.get("content"), str)
+                   or not isinstance(m.get("role"), str))
+        add(BAD_RECORD, f"messages[{bad}] needs a string 'role' and a string 'content'")
+        return issues
+
+    # Roles: system, user, then assistant/user alternating.
+    roles = [m["role"] for m in messages]
+    for i, role in enumerate(roles):
+        want = "system" if i == 0 else "user" if i % 2 else "assistant"
+        if role != want:
+            add(BAD_ROLES, f"messages[{i}] is {role!r} where {want!r} belongs "
+                           f"(roles: {', '.join(roles[:8])}{', ...' if len(roles) > 8 else ''})")
+            break
+
+    # Hints must never be in the conversation.
+    turn_of = {}
+    n = 0
+    for i, role in enumerate(roles):
+        if role == "assistant":
+            n += 1
+            turn_of[i] = n
+    for i, what in hint_leaks(rec):
+        add(HINT_LEAK, f"{what} in messages[{i}] ({roles[i]})", turn_of.get(i))
+
+    # Each assistant turn against the parser, and the tree rules across turns.
+    assistant = [(i, m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    captioned: set[tuple[int, ...]] = set()
+    last_parsed = None
+    for t, (i, text) in enumerate(assistant, 1):
+        parsed = parse_turn(text, k if k is not None else 1_000_000)
+        last_parsed = parsed
+        if parsed.breach:
+            add(parsed.breach, parsed.message or parsed.breach, t)
+            continue
+        call = parsed.call
+        if call is not None:
+            if call.tool == "get_caption" and len(call.node) == 3:
+                captioned.add(call.node)
+            elif call.tool == "video_qa" and call.node not in captioned:
+                add(Breach.QA_BEFORE_CAPTION,
+                    correction(Breach.QA_BEFORE_CAPTION, node=format_id(call.node)), t)
+        elif t < len(assistant):
+            add(ANSWER_BEFORE_END, f"turn {t} answers {_short(parsed.answer, 40)!r} but the conversation "
+                                   f"goes on for {len(assistant) - t} more assistant turn(s)", t)
+
+    if not assistant:
+        add(NO_ANSWER, "no assistant turn")
+    elif roles[-1] != "assistant":
+        add(NO_ANSWER, f"the conversation ends with a {roles[-1]} message, not an answer")
+    elif last_parsed is not None and last_parsed.answer is None and not last_parsed.breach:
+        add(NO_ANSWER, f"the last assistant turn is a tool call ({last_parsed.call.render()}), not an answer",
+            len(assistant))
+    elif last_parsed is not None and last_parsed.breach and "<answer>" not in assistant[-1][1].lower():
+        # A last turn with an <answer> that breaks a format rule is reported by its breach alone.
+        add(NO_ANSWER, "the last assistant turn has no <answer>", len(assistant))
+
+    # An accepted record must end on the right answer, judged as synthesis judges it.
+    if (rec.get("accepted") is True and last_parsed is not None and last_parsed.answer is not None
+            and isinstance(rec.get("answer"), str)):
+        options = [str(o) for o in rec.get("options") or []] if isinstance(rec.get("options"), list) else []
+        choice = extract_choice(last_parsed.answer, options) if options else None
+        if not answer_matches(last_parsed.answer, choice, options, rec["answer"]):
+            picked = f"picks {choice or 'no option'}" if options else "does not match"
+            add(WRONG_ANSWER, f"accepted, but the final answer {_short(last_parsed.answer, 40)!r} {picked}, "
+                              f"not {_short(rec['answer'], 40)!r}", len(assistant))
+    return issues
+
+
+def lint_records(lines: Iterable[str], *, include_rejected: bool = False, path: str = "-") -> LintReport:
+    """Lint JSONL text, one record per line (blank lines skipped)."""
+    report = LintReport(path=path)
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        report.records += 1
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            report.issues.append(LintIssue(lineno, None, None, NOT_JSON, f"not JSON ({e.msg})"))
+            continue
+        if not isinstance(rec, dict):
+            report.issues.append(LintIssue(lineno, None, None, NOT_JSON, "not a JSON object"))
+            continue
+        if rec.get("accepted") is not True:
+            report.rejected += 1
+            if not include_rejected:
+                report.rejected_skipped += 1
+                continue
+        issues = lint_trajectory(rec, lineno)
+        qid = rec.get("qid")
+        if isinstance(qid, (str, int)) and not isinstance(qid, bool):
+            first = seen.setdefault(str(qid), lineno)
+            if first != lineno:
+                issues.append(LintIssue(lineno, str(qid), None, DUPLICATE_QID, f"qid first seen on line {first}"))
+        report.issues.extend(issues)
+        if not issues:
+            report.clean += 1
+    return report
+
+
+def lint_file(path_or_dash: "str | Path", *, include_rejected: bool = False,
+              stdin: IO[str] | None = None) -> LintReport:
+    """Lint a trajectory JSONL file (``-`` reads stdin). Raises LintFileError when it cannot be read."""
+    name = str(path_or_dash)
+    if name != "-" and Path(name).is_dir():
+        raise LintFileError(f"{name}: is a directory; give a trajectory JSONL file")
+    try:
+        text = _read_text(name, stdin)
+    except EvalFormatError as e:
+        raise LintFileError(str(e)) from None
+    return lint_records(text.split("\n"), include_rejected=include_rejected, path=name)

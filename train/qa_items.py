@@ -1,0 +1,268 @@
+"""QA items for trajectory synthesis: video, question, options, answer and clue intervals.
+
+A teacher trajectory needs what an eval question has plus ground-truth *clue
+intervals*: the spans of the video (in seconds) that hold the evidence. The
+hints that follow a wrong answer are computed from them. Two record shapes are
+read (see docs/qa_format.md):
+
+- ``native``: JSONL records with ``"schema": "lvr.qa/1"`` (`QAItem.to_record`
+  writes them). ``lvr.question/1`` records are accepted too when they carry
+  ``"clues"``.
+- ``cgbench``: CG-Bench's annotation files (``cgbench.json``,
+  ``cgbench_mini.json``: a JSON list of objects with ``video_uid``, ``qid``,
+  ``question``, ``choices``, ``right_answer``, ``clue_intervals`` ...), or the
+  same objects as JSONL.
+
+A bad record is named (``file:line: reason``) and skipped while the rest load;
+a qid seen twice is an error for the later record. A file that cannot be read
+at all raises `QAFormatError`. The field helpers are the ones `lvr eval` uses
+(`lvr.infer.benchmarks`), so options and answers are read identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..infer.benchmarks import (
+    NATIVE_SCHEMA as QUESTION_SCHEMA,
+    EvalFormatError,
+    _answer_letter,
+    _Bad,
+    _Collector,
+    _id,
+    _options,
+    _read_text,
+    _records,
+    _scalar_text,
+    _Skip,
+    _text,
+)
+
+__all__ = ["QA_FORMATS", "QA_SCHEMA", "QAFormatError", "QAItem", "load_qa_items", "validate_clues"]
+
+QA_FORMATS = ("auto", "native", "cgbench")
+QA_SCHEMA = "lvr.qa/1"
+STDIO = "-"
+
+# A file that cannot be read at all (the same error `lvr eval` raises for question files).
+QAFormatError = EvalFormatError
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question about one video, with the clue intervals that answer it.
+
+    qid: unique within its file. video: a file name, relative path or video id
+    (resolved with `lvr.infer.benchmarks.resolve_video`). options: ``("A. text",
+    ...)``, ``()`` for an open question. answer: the letter for multiple choice,
+    the reference text otherwise. clues: ``((start, end), ...)`` in seconds, as
+    given (not merged or sorted). source: "native" or "cgbench". extra: what
+    else the source says (duration, domain, ...).
+    """
+
+    qid: str
+    video: str
+    question: str
+    options: tuple[str, ...]
+    answer: str
+    clues: tuple[tuple[float, float], ...]
+    category: str | None = None
+    source: str = "native"
+    extra: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return bool(self.options)
+
+    def to_record(self) -> dict:
+        """The item as a native ``lvr.qa/1`` record (JSON-safe); `load_qa_items` reads it back unchanged."""
+        return {
+            "schema": QA_SCHEMA,
+            "id": self.qid,
+            "video": self.video,
+            "question": self.question,
+            "options": list(self.options),
+            "answer": self.answer,
+            "clues": [[s, e] for s, e in self.clues],
+            "category": self.category,
+            "source": self.source,
+            "extra": json.loads(json.dumps(self.extra, ensure_ascii=False, default=str)),
+        }
+
+
+# ---------------------------------------------------------------- clues
+
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number of seconds, got {json.dumps(value, default=str)}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return x
+
+
+def validate_clues(value: Any, key: str = "clues") -> tuple[tuple[float, float], ...]:
+    """A list of ``[start, end]`` pairs in seconds -> tuple of float pairs.
+
+    Each pair needs finite numbers with ``0 <= start < end``; at least one pair.
+    Raises ValueError naming the first bad pair.
+    """
+    if value is None:
+        raise ValueError(f"missing {key!r} (at least one [start, end] interval in seconds)")
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key!r} must be a list of [start, end] pairs")
+    if not value:
+        raise ValueError(f"{key!r} is empty; at least one [start, end] interval is needed")
+    if len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{key!r} must be a list of [start, end] pairs, e.g. [[{value[0]}, {value[1]}]]")
+    out = []
+    for i, pair in enumerate(value):
+        where = f"{key}[{i}]"
+        if isinstance(pair, (str, bytes, dict)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"{where} must be a [start, end] pair, got {json.dumps(pair, default=str)}")
+        start, end = _seconds(pair[0], f"{where} start"), _seconds(pair[1], f"{where} end")
+        if start < 0:
+            raise ValueError(f"{where}: start {start:g} is negative")
+        if not start < end:
+            raise ValueError(f"{where}: start {start:g} is not before end {end:g}")
+        out.append((start, end))
+    return tuple(out)
+
+
+def _clues(rec: dict, key: str) -> tuple[tuple[float, float], ...]:
+    try:
+        return validate_clues(rec.get(key), key)
+    except ValueError as e:
+        raise _Skip(str(e)) from None
+
+
+def _category(value: Any) -> str | None:
+    if isinstance(value, list):
+        return ", ".join(_scalar_text(c, "category") for c in value) or None
+    if value is None:
+        return None
+    return _scalar_text(value, "category").strip() or None
+
+
+# ---------------------------------------------------------------- adapters
+
+def _native(col: _Collector, where: str, rec: dict) -> None:
+    schema = rec.get("schema", QA_SCHEMA)
+    if schema not in (QA_SCHEMA, QUESTION_SCHEMA):
+        raise _Skip(f"schema {schema!r} is neither {QA_SCHEMA!r} nor {QUESTION_SCHEMA!r}")
+    video = _text(rec, "video")
+    n = col.next_n(video)
+    qid = _id(rec["id"]) if rec.get("id") is not None else f"{video}#{n}"
+    question = _text(rec, "question")
+    options = _options(rec.get("options") or [])
+    answer = _answer_letter(rec.get("answer"), options) if options else _text(rec, "answer")
+    clues = _clues(rec, "clues")
+    source = rec.get("source", "native")
+    if not isinstance(source, str) or not source:
+        raise _Skip("'source' must be a non-empty string")
+    extra = rec.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise _Skip("'extra' must be a JSON object")
+    extra = dict(extra)
+    if "subtitles" in rec:  # an lvr.question/1 field; kept so nothing is lost
+        if not isinstance(rec["subtitles"], bool):
+            raise _Skip(f"'subtitles' must be true or false, got {json.dumps(rec['subtitles'])}")
+        extra["subtitles"] = rec["subtitles"]
+    col.add(where, QAItem(qid, video, question, options, answer, clues, _category(rec.get("category")),
+                          source, extra))
+
+
+# CG-Bench keys that become QAItem fields; every other key is carried in `extra`.
+_CGBENCH_MAPPED = {"video_uid", "qid", "question", "choices", "right_answer", "answer", "clue_intervals",
+                   "sub_category"}
+
+
+def _cgbench(col: _Collector, where: str, rec: dict) -> None:
+    video = _text(rec, "video_uid")
+    n = col.next_n(video)
+    qid = _id(rec["qid"]) if rec.get("qid") is not None else f"{video}#{n}"
+    question = _text(rec, "question")
+    options = _options(rec.get("choices") or [])
+    answer_text = rec.get("answer")
+    if options:
+        # right_answer is the option letter (CG-Bench's MCQ scoring compares it with the
+        # predicted letter); `answer` is the right option's text, used when no letter is given.
+        if rec.get("right_answer") is not None:
+            answer = _answer_letter(rec["right_answer"], options)
+        elif answer_text is not None:
+            answer = _answer_letter(answer_text, options)
+        else:
+            raise _Skip("missing 'right_answer'")
+    else:
+        answer = _text(rec, "answer")
+    clues = _clues(rec, "clue_intervals")
+    extra = {k: v for k, v in rec.items() if k not in _CGBENCH_MAPPED}
+    if options and answer_text is not None:
+        extra["answer_text"] = answer_text
+    if rec.get("sub_category") is not None:
+        extra["sub_category"] = rec["sub_category"]
+    col.add(where, QAItem(qid, video, question, options, answer, clues,
+                          _category(rec.get("sub_category")), "cgbench", extra))
+
+
+def _sniff(rec: dict) -> str | None:
+    schema = rec.get("schema")
+    if isinstance(schema, str) and (schema.startswith("lvr.qa/") or schema.startswith("lvr.question/")):
+        return "native"
+    if "video_uid" in rec or "clue_intervals" in rec or "right_answer" in rec:
+        return "cgbench"
+    if "video" in rec and "question" in rec:
+        return "native"
+    return None
+
+
+def _detect(name: str, records: list[tuple[int, Any]]) -> str:
+    for lineno, rec in records:
+        if isinstance(rec, dict):
+            fmt = _sniff(rec)
+            if fmt is None:
+                keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
+                raise QAFormatError(f"{name}:{lineno}: cannot tell the QA format from this record "
+                                    f"(keys: {keys}); pass the format explicitly")
+            return fmt
+    raise QAFormatError(f"{name}: no JSON object records to tell the QA format from")
+
+
+def load_qa_items(path: "str | Path", fmt: str = "auto", *,
+                  stdin: IO[str] | None = None) -> tuple[list[QAItem], list[str]]:
+    """Read a QA file (``-`` for stdin): JSONL or a JSON list.
+
+    Returns (items, errors): each error is one line ``"file:line: reason"`` for a
+    record that was skipped (for a JSON list, the line where the record's ``{``
+    stands); the other records still load. A later record whose qid repeats an
+    earlier one is such an error. Raises QAFormatError when the file cannot be
+    read at all or its format cannot be told.
+    """
+    if fmt not in QA_FORMATS:
+        raise QAFormatError(f"unknown QA format {fmt!r}; one of {', '.join(QA_FORMATS)}")
+    name = str(path)
+    if name != STDIO and Path(name).is_dir():
+        raise QAFormatError(f"{name}: is a directory; give a QA file")
+    records = list(_records(name, _read_text(name, stdin)))
+    if not records:
+        return [], []
+    if fmt == "auto":
+        fmt = _detect(name, records)
+    col = _Collector(None)
+    for lineno, rec in records:
+        where = f"{name}:{lineno}"
+        if isinstance(rec, _Bad):
+            col.error(where, rec.reason)
+            continue
+        if not isinstance(rec, dict):
+            col.error(where, "not a JSON object")
+            continue
+        try:
+            (_native if fmt == "native" else _cgbench)(col, where, rec)
+        except _Skip as e:
+            col.error(where, str(e))
+    return col.items, col.errors

@@ -1,0 +1,269 @@
+"""`lvr synthesize` as a library: a teacher model writes tool trajectories through the `ask` loop.
+
+The teacher runs the same environment, protocol and loop as `lvr ask`, with a
+reviewer that knows the answer: a wrong answer is dropped and a hint shown
+(train/hints.py), up to three times. Each item's trajectory is appended as
+soon as it ends, so a killed run resumes with the items not yet written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..infer.agent import AgentResult, Turn, Verdict
+from ..infer.benchmarks import EvalFormatError, resolve_video
+from ..infer.environment import VideoEnv
+from ..infer.navigator import Asked, Navigator, NavigatorOptions
+from ..infer.protocol import answer_matches
+from ..prep.jsonl import JsonlWriter
+from ..prep.models.base import Usage
+from .hints import CLUE_GAP_S, MAX_HINTS, hint_for, merge_intervals
+from .lint import TRAJECTORY_SCHEMA
+from .qa_items import QAItem, load_qa_items
+
+
+@dataclass(frozen=True)
+class SynthesizeOptions:
+    format: str = "auto"
+    video_dir: Path | None = None           # default: the QA file's folder
+    concurrency: int = 4                    # items in flight
+    max_items: int | None = None
+    token_budget: int | None = None         # teacher tokens (prompt + completion); stop starting items past it
+    clue_gap_s: float = CLUE_GAP_S
+    subtitles: bool = True
+    price_prompt_per_m: float | None = None      # USD per million teacher prompt tokens
+    price_completion_per_m: float | None = None  # USD per million teacher completion tokens
+
+
+def cost_usd(usage: Usage, options: SynthesizeOptions) -> float | None:
+    if options.price_prompt_per_m is None and options.price_completion_per_m is None:
+        return None
+    return round(usage.prompt_tokens * (options.price_prompt_per_m or 0.0) / 1e6
+                 + usage.completion_tokens * (options.price_completion_per_m or 0.0) / 1e6, 10)
+
+
+def make_reviewer(item: QAItem, clues: list[tuple[float, float]]):
+    """The answer reviewer for one item: accept a right answer, else the next hint, else give up."""
+
+    def for_env(env: VideoEnv):
+        spans = {node_id: (n["start"], n["end"]) for node_id, n in env.nodes.items()}
+
+        async def review(result: AgentResult, turn: Turn) -> Verdict:
+            if answer_matches(result.answer, result.choice, item.options, item.answer):
+                return Verdict(True)
+            level = len(result.hints) + 1
+            if level > MAX_HINTS:
+                return Verdict(False)
+            text, ids = hint_for(level, spans, clues)
+            return Verdict(False, text, level, tuple(ids))
+
+        return review
+
+    return for_env
+
+
+def trajectory_record(item: QAItem, asked: Asked, clues, options: SynthesizeOptions) -> dict:
+    result, env = asked.result, asked.env
+    correct = result.stopped == "answered" and answer_matches(result.answer, result.choice, item.options,
+                                                              item.answer)
+    dropped_turns = [t for t in result.turns if t.dropped]
+    hints = [{"level": h.level, "after_turn": h.after_turn, "ids": [list(i) for i in h.ids], "text": h.text}
+             for h in result.hints]
+    dropped = []
+    for i, turn in enumerate(dropped_turns):
+        kept_before = sum(1 for t in result.turns[: result.turns.index(turn)] if not t.dropped)
+        dropped.append({"after_turn": kept_before, "text": turn.text, "answer": turn.parsed.answer,
+                        "hint_level": result.hints[i].level if i < len(result.hints) else None})
+    usage = result.reasoning.usage
+    return {
+        "schema": TRAJECTORY_SCHEMA, "qid": item.qid, "video": item.video,
+        "video_id": env.video_id, "K": env.k, "duration": env.duration,
+        "question": item.question, "options": list(item.options), "answer": item.answer,
+        "clues": [list(c) for c in clues], "category": item.category,
+        "accepted": correct, "correct": correct, "stopped": result.stopped,
+        "attempts": sum(1 for t in result.turns if t.parsed.answer is not None),
+        "messages": result.clean_messages(),
+        "hints": hints, "dropped": dropped,
+        "visits": [v.to_record() for v in env.visits],
+        "teacher": result.reasoning.model, "prompt_hash": asked.settings["prompt_hash"],
+        "tokens": usage.to_record(), "cost_usd": cost_usd(usage, options),
+        "accounting": result.accounting(env), "settings": asked.settings,
+    }
+
+
+@dataclass
+class SynthesizeSummary:
+    written: int = 0
+    accepted: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    load_errors: list[str] = field(default_factory=list)
+    budget_stopped: bool = False
+    not_started: int = 0
+    teacher: Usage = field(default_factory=Usage)
+    seconds: float = 0.0
+
+
+def load_items(qa_path: str, options: SynthesizeOptions) -> tuple[list[QAItem], list[str]]:
+    items, errors = load_qa_items(qa_path, options.format)
+    if options.max_items is not None:
+        items = items[: options.max_items]
+    return items, errors
+
+
+def run_synthesize(qa_path: str, output: "str | os.PathLike | None", nav: NavigatorOptions, cache_dir: Path,
+                   options: SynthesizeOptions = SynthesizeOptions(), *, log=lambda msg: None,
+                   progress: bool = True) -> SynthesizeSummary:
+    """Write a trajectory for every item not yet in `output`.
+
+    Raises EvalFormatError-like errors when the QA file cannot be read at all,
+    and ModelError when an endpoint cannot be reached.
+    """
+    summary = SynthesizeSummary()
+    items, summary.load_errors = load_items(qa_path, options)
+    for err in summary.load_errors:
+        log(f"error: {err}")
+    video_dir = options.video_dir or (Path(qa_path).parent if qa_path != "-" else Path.cwd())
+    t0 = time.perf_counter()
+    with JsonlWriter(output) as writer:
+        done = {r.get("qid") for r in writer.existing if r.get("schema") == TRAJECTORY_SCHEMA}
+        todo = [it for it in items if it.qid not in done]
+        summary.skipped = len(items) - len(todo)
+        if summary.skipped:
+            log(f"skip: {summary.skipped} items already in the output")
+        asyncio.run(_synthesize_all(todo, writer, nav, cache_dir, video_dir, options, summary, log, progress))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: NavigatorOptions, cache_dir: Path,
+                          video_dir: Path, options: SynthesizeOptions, summary: SynthesizeSummary, log,
+                          progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    navigator = Navigator(nav, cache_dir)
+    bar = tqdm(total=len(items), unit="item", desc="synthesize", disable=None if progress else True,
+               dynamic_ncols=True)
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    def over_budget() -> bool:
+        return options.token_budget is not None and summary.teacher.total_tokens >= options.token_budget
+
+    async def one(item: QAItem) -> None:
+        try:
+            video = resolve_video(item.video, video_dir)
+        except (EvalFormatError, OSError) as e:
+            summary.failed.append(f"{item.qid}: {e}")
+            log(f"error: {item.qid}: {e}")
+            return
+        clues = merge_intervals(item.clues, options.clue_gap_s)
+        asked = await navigator.ask(video, item.question, item.options, subtitles=options.subtitles,
+                                    make_review=make_reviewer(item, clues))
+        summary.teacher.add(asked.result.reasoning.usage)
+        if asked.env is None or asked.result.stopped == "error":
+            summary.failed.append(f"{item.qid}: {asked.error}")
+            log(f"error: {item.qid}: {asked.error}")
+            return
+        record = trajectory_record(item, asked, clues, options)
+        writer.write_unit([record])
+        summary.written += 1
+        summary.accepted += bool(record["accepted"])
+        bar.set_postfix(accept=f"{summary.accepted}/{summary.written}", tokens=summary.teacher.total_tokens,
+                        refresh=False)
+
+    async def worker() -> None:
+        while True:
+            if over_budget():
+                summary.budget_stopped = True
+                return
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                await one(item)
+            finally:
+                bar.update(1)
+
+    try:
+        if items:
+            await navigator.preflight()
+        await asyncio.gather(*(worker() for _ in range(max(1, min(options.concurrency, len(items) or 1)))))
+    finally:
+        summary.not_started = queue.qsize()
+        bar.close()
+        await navigator.aclose()
+
+
+# -- dry run ------------------------------------------------------------------------
+
+@dataclass
+class Estimate:
+    items: int
+    videos: int
+    teacher_requests: int
+    teacher_prompt_tokens: int
+    teacher_completion_tokens: int
+    caption_requests: int
+    cost_usd: float | None
+    unreadable: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.items} items over {self.videos} videos",
+               f"teacher: about {self.teacher_requests} requests, {self.teacher_prompt_tokens} prompt + "
+               f"{self.teacher_completion_tokens} completion tokens",
+               f"captioner: at most {self.caption_requests} requests (fewer with captions already stored)"]
+        if self.cost_usd is not None:
+            out.append(f"teacher cost: about ${self.cost_usd:.2f}")
+        out.extend(f"cannot read {u}" for u in self.unreadable)
+        return out
+
+
+# Rough sizes behind the estimate (tokens); the paper's navigator averages about 10.5 rounds.
+EST_ROUNDS = 10.5
+EST_TURN_TOKENS = 150           # a think plus one call
+EST_CAPTION_TOKENS = {1: 530, 2: 530, 3: 270}   # ~400 / ~200 words
+EST_SYSTEM_TOKENS = 450
+
+
+def estimate(items: list[QAItem], video_dir: Path, nav: NavigatorOptions,
+             options: SynthesizeOptions) -> Estimate:
+    """Requests and tokens a run would need, from video durations alone (no model is called)."""
+    from ..prep.probe import VideoError, probe_duration
+    from ..prep.tree import tree_width
+
+    widths: dict[str, int] = {}
+    unreadable = []
+    for item in items:
+        if item.video in widths:
+            continue
+        try:
+            duration = probe_duration(resolve_video(item.video, video_dir))
+        except (EvalFormatError, OSError, VideoError) as e:
+            unreadable.append(f"{item.video}: {e}")
+            continue
+        widths[item.video] = tree_width(duration, nav.tree.segment_seconds, nav.tree.min_width, nav.tree.max_width)
+    rounds = min(EST_ROUNDS, nav.agent.max_rounds)
+    per_round_growth = EST_TURN_TOKENS + (EST_CAPTION_TOKENS[2] + EST_CAPTION_TOKENS[3]) / 2
+    prompt = completion = requests = captions = 0
+    for item in items:
+        k = widths.get(item.video)
+        if k is None:
+            continue
+        base = EST_SYSTEM_TOKENS + k * EST_CAPTION_TOKENS[1] + 60
+        n = math.ceil(rounds)
+        requests += n
+        prompt += int(sum(base + r * per_round_growth for r in range(n)))
+        completion += int(n * EST_TURN_TOKENS)
+        captions += n
+    captions += sum(widths.values())
+    usage = Usage(prompt, completion, requests)
+    return Estimate(len(items), len(widths), requests, prompt, completion, captions, cost_usd(usage, options),
+                    unreadable)
