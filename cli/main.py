@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import ask, caption, doctor, eval, segment
+from . import ask, caption, doctor, eval, segment, synthesize
 
 app = typer.Typer(
     name="lvr",
@@ -21,6 +21,8 @@ app = typer.Typer(
         "  lvr segment movie.mp4 -o nodes.jsonl\n\n"
         "  lvr segment videos/ '*.mkv' --qa-frames -o nodes.jsonl\n\n"
         "  lvr caption nodes.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct -o captions.jsonl\n\n"
+        "  lvr ask movie.mp4 \"Who opens the door?\" --config models.yaml --html trace.html\n\n"
+        "  lvr synthesize qa.jsonl --teacher-model gpt-5 --base-url https://api.openai.com/v1 -o trajectories.jsonl\n\n"
         "  lvr doctor --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct\n\n"
         "  lvr segment --help"
     ),
@@ -36,6 +38,7 @@ COMMANDS = {
     "caption": caption.caption_command,
     "ask": ask.ask_command,
     "eval": eval.eval_command,
+    "synthesize": synthesize.synthesize_command,
     "doctor": doctor.doctor_command,
 }
 for _name, _func in COMMANDS.items():
