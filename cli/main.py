@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import ask, caption, doctor, eval, segment, sft, synthesize
+from . import ask, caption, doctor, eval, questions, segment, sft, synthesize
 
 app = typer.Typer(
     name="lvr",
@@ -39,6 +39,7 @@ COMMANDS = {
     "ask": ask.ask_command,
     "eval": eval.eval_command,
     "synthesize": synthesize.synthesize_command,
+    "questions": questions.questions_command,
     "sft": sft.sft_command,
     "doctor": doctor.doctor_command,
 }
