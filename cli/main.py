@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import ask, caption, doctor, eval, questions, segment, sft, synthesize
+from . import ask, caption, doctor, dpo, eval, questions, segment, sft, synthesize
 
 app = typer.Typer(
     name="lvr",
@@ -41,6 +41,7 @@ COMMANDS = {
     "synthesize": synthesize.synthesize_command,
     "questions": questions.questions_command,
     "sft": sft.sft_command,
+    "dpo": dpo.dpo_command,
     "doctor": doctor.doctor_command,
 }
 for _name, _func in COMMANDS.items():

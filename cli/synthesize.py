@@ -57,6 +57,15 @@ def synthesize_command(
                                         "(-o is a folder: sharegpt JSON plus dataset_info.json)."),
     per_turn: bool = typer.Option(False, "--per-turn", rich_help_panel=MODES_PANEL,
                                   help="With --export-sft: one sample per assistant turn."),
+    export_pairs: Optional[Path] = typer.Option(None, "--export-pairs", metavar="FILE", rich_help_panel=MODES_PANEL,
+                                                help="Turn the accepted trajectories in FILE into DPO preference "
+                                                     "pairs at -o: each dropped wrong turn against the turn "
+                                                     "accepted at the same point."),
+    wrong_turns: bool = typer.Option(False, "--wrong-turns", rich_help_panel=MODES_PANEL,
+                                     help="With --export-pairs: also have --model write a plausible but wrong "
+                                          "turn as a rejected sample for multi-segment questions (LongVPO)."),
+    wrong_turns_at: str = typer.Option("answer", "--wrong-turns-at", rich_help_panel=MODES_PANEL,
+                                       help="With --wrong-turns: answer (the final turn) or all (every turn)."),
     cache_dir: Optional[Path] = CacheDirOption,
     backend: str = BackendOption, base_url: List[str] = BaseUrlOption, api_key: Optional[str] = ApiKeyOption,
     caption_backend: Optional[str] = CaptionBackendOption, caption_model: Optional[str] = CaptionModelOption,
@@ -101,13 +110,31 @@ def synthesize_command(
       lvr synthesize --export-sft trajectories.jsonl --per-turn -o sft.jsonl
 
       lvr synthesize --export-sft trajectories.jsonl --sft-format llamafactory -o data/
+
+      lvr synthesize --export-pairs trajectories.jsonl -o pairs.jsonl
+
+      lvr synthesize --export-pairs trajectories.jsonl --wrong-turns --model M --base-url U -o pairs.jsonl
     """
     if lint is not None:
         raise typer.Exit(_lint(lint, quiet))
     if export_sft is not None:
         raise typer.Exit(_export(export_sft, output, sft_format, per_turn))
+    if export_pairs is not None:
+        model = None
+        if wrong_turns:
+            from ..prep.models import make_chat_model
+            from ..prep.models.base import ModelError
+
+            try:
+                model = make_chat_model(backend, teacher_model, base_urls=list(base_url), api_key=api_key,
+                                        concurrency=concurrency, timeout_s=timeout, max_retries=max_retries,
+                                        device=device)
+            except ModelError as e:
+                raise fail_usage(f"--wrong-turns: {e}")
+        raise typer.Exit(_export_pairs(export_pairs, output, model, wrong_turns_at, concurrency,
+                                       max_tokens=max_tokens, temperature=temperature, seed=seed))
     if qa is None:
-        raise fail_usage("give a QA file (or --lint FILE / --export-sft FILE)")
+        raise fail_usage("give a QA file (or --lint FILE / --export-sft FILE / --export-pairs FILE)")
 
     from ..infer.benchmarks import EvalFormatError
     from ..prep.cache import resolve_cache_dir
@@ -196,3 +223,39 @@ def _export(path: Path, output: Optional[Path], fmt: str, per_turn: bool) -> int
     say(f"lvr synthesize --export-sft: {len(samples)} samples from "
         + ", ".join(f"{k} {v}" for k, v in stats.items()) + f" -> {where}")
     return EXIT_OK
+
+
+def _export_pairs(path: Path, output: Optional[Path], model, at: str, concurrency: int, *, max_tokens: int,
+                  temperature: float, seed: Optional[int]) -> int:
+    from ..infer.protocol import STOP_STRINGS
+    from ..prep.jsonl import RecordError, read_jsonl
+    from ..prep.models.base import GenerationOptions, ModelError
+    from ..train.pairs import SOURCE_DROPPED, SOURCE_WRONG, WRONG_TURN_AT, export_pairs
+
+    if at not in WRONG_TURN_AT:
+        raise fail_usage(f"--wrong-turns-at takes {' or '.join(WRONG_TURN_AT)}, not {at!r}")
+    try:
+        records = [rec for _, rec in read_jsonl(str(path))]
+        summary = export_pairs(records, str(output) if output else None, model=model, at=at,
+                               concurrency=concurrency,
+                               generation=GenerationOptions(max_tokens=max_tokens, temperature=temperature,
+                                                            stop=STOP_STRINGS, seed=seed))
+    except (OSError, RecordError, ModelError) as e:
+        raise fail_usage(f"{path}: {e}" if not isinstance(e, ModelError) else f"--wrong-turns: {e}")
+    for failure in summary.failed:
+        say(f"lvr synthesize --export-pairs: error: no wrong turn for {failure}")
+    if summary.held_back:
+        say(f"lvr synthesize --export-pairs: {len(summary.held_back)} trajectories not written for want of a wrong "
+            f"turn ({', '.join(summary.held_back[:10])}{', ...' if len(summary.held_back) > 10 else ''}); "
+            "rerun to try them again")
+    stats = summary.stats
+    made = f"{stats.pairs[SOURCE_DROPPED]} from dropped turns"
+    if summary.wrong is not None:
+        made += (f", {stats.pairs[SOURCE_WRONG]} LLM-written wrong turns for "
+                 f"{summary.wrong.targets} turns of multi-segment questions")
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(stats.skipped.items()))
+    say(f"lvr synthesize --export-pairs: {summary.written} pairs written ({made}) from {stats.records} "
+        f"trajectories ({stats.accepted} accepted"
+        + (f", {summary.skipped_done} already in the output" if summary.skipped_done else "")
+        + (f"; left out: {skipped}" if skipped else "") + f") -> {output or 'stdout'}")
+    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
