@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import ask, caption, doctor, dpo, eval, questions, segment, sft, synthesize
+from . import ask, caption, doctor, dpo, eval, questions, rl, segment, sft, synthesize
 
 app = typer.Typer(
     name="lvr",
@@ -42,6 +42,7 @@ COMMANDS = {
     "questions": questions.questions_command,
     "sft": sft.sft_command,
     "dpo": dpo.dpo_command,
+    "rl": rl.rl_command,
     "doctor": doctor.doctor_command,
 }
 for _name, _func in COMMANDS.items():

@@ -1,0 +1,822 @@
+"""Multi-turn GRPO for the navigator (DESIGN.md §2 RL), on TRL's `GRPOTrainer` with a `rollout_func`.
+
+Each training prompt is one QA item (video, question, options, answer, clue
+intervals). For every prompt the trainer asks for, `RolloutFunction` runs the
+`lvr ask` loop (`infer.agent.run_agent`) in the item's `VideoEnv` with a
+`train.rollout.TokenRecordingModel`, and hands TRL the rollout's tokens:
+`prompt_ids` (system prompt + question + high captions), `completion_ids`
+(every sampled turn and, between them, the tool results), the sampling
+`logprobs`, and `env_mask` (1 on sampled tokens, 0 on tool results, corrections
+and template tokens), which TRL multiplies into the loss mask. The rollout's
+answer, visits and clues are forwarded to the reward function, which scores it
+with `train.rewards.composite_reward`:
+
+    R = w_ans·answer + w_loc·F1 − w_rep·repeat (+ w_cd·center_distance)
+
+Defaults follow LongVideo-R1: group size 16, lr 1e-6, KL coefficient 1e-4 with
+the low-variance k3 estimator (TRL's KL term is exactly k3:
+exp(ref − logp) − (ref − logp) − 1, weighted by `beta`), temperature 1.0, at most
+15 turns. Each logged step carries the mean reward, each reward part, turns per
+rollout, the share of invalid turns, the KL, and TRL's own metrics.
+
+Token-aware KL (option, LongVTG-R1): `kl_argument_scale=s` scales the KL
+penalty on the tokens that spell a tool call's node id by s (0 removes it). It is
+done by moving those tokens' reference log-probs before the loss (see
+`LvrGRPOTrainer`): the gradient of TRL's k3 term there becomes exactly s times
+the original at the sampling policy, which is where GRPO with one iteration per
+batch evaluates it.
+
+The output folder is a plain checkpoint (weights, config, tokenizer with the
+think-keeping chat template) plus `lvr_rl.json`: `lvr ask --backend transformers
+--model OUT` loads it. More GPUs and nodes come through `accelerate launch`
+(DDP, DeepSpeed ZeRO, FSDP) with the configs in configs/accelerate/.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .hints import CLUE_GAP_S, merge_intervals
+from .rewards import RewardWeights, composite_reward
+
+SCHEMA = "lvr.rl/1"
+ROLLOUT_SCHEMA = "lvr.rollout/1"
+RECORD_FILE = "lvr_rl.json"
+VLLM_MODES = ("off", "colocate")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+SCALE_REWARDS = ("group", "batch", "none")
+REWARD_PARTS = ("answer", "localisation", "repeat", "center_distance")
+
+
+class RlError(ValueError):
+    """A usage problem (data, model, settings): one line for the user."""
+
+
+@dataclass
+class RlSettings:
+    """Everything `lvr rl` can be told. Defaults follow LongVideo-R1's RL stage."""
+
+    qa: str
+    model: str
+    output: str
+    video_dir: str | None = None
+    format: str = "auto"
+    max_items: int | None = None
+    clue_gap: float = CLUE_GAP_S
+    subtitles: bool = True
+    # GRPO
+    num_generations: int = 16
+    lr: float = 1e-6
+    beta: float = 1e-4
+    loss_type: str = "grpo"
+    epsilon: float = 0.2
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turns: int = 15
+    max_invalid: int = 3
+    max_tokens: int = 2048                # per turn
+    max_completion_length: int = 24576    # a whole rollout after its prompt: turns and tool results
+    batch_size: int = 4                   # completions per device per micro-step
+    grad_accum: int = 4
+    epochs: float = 1.0
+    max_steps: int = -1
+    scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # reward
+    w_answer: float = 1.0
+    w_localisation: float = 1.0
+    w_repeat: float = 0.2
+    w_center_distance: float = 0.0
+    kl_argument_scale: float | None = None   # token-aware KL: scale on node-id tokens (off when None)
+    # generation
+    vllm: str = "off"
+    vllm_gpu_memory_utilization: float = 0.3
+    turn_batch: int | None = None            # most turns sampled in one generate call (None: all waiting)
+    # running
+    bf16: str = "auto"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    logging_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: int = 1
+    resume: bool = False
+    report_to: str = "none"
+    rollout_log: str | None = None
+    chat_template: str | None = None
+    cpu: bool = False
+
+    def weights(self) -> RewardWeights:
+        return RewardWeights(answer=self.w_answer, localisation=self.w_localisation, repeat=self.w_repeat,
+                             center_distance=self.w_center_distance)
+
+    def check(self) -> None:
+        """RlError naming the first unusable setting."""
+        positive = {"--num-generations": self.num_generations, "--lr": self.lr, "--max-turns": self.max_turns,
+                    "--max-tokens": self.max_tokens, "--max-completion-length": self.max_completion_length,
+                    "--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--epochs": self.epochs,
+                    "--temperature": self.temperature, "--logging-steps": self.logging_steps,
+                    "--save-steps": self.save_steps, "--save-total-limit": self.save_total_limit,
+                    "--num-iterations": self.num_iterations}
+        for flag, value in positive.items():
+            if not value > 0:
+                raise RlError(f"{flag} must be positive, not {value}")
+        if self.num_generations < 2:
+            raise RlError(f"--num-generations must be at least 2 (GRPO compares rollouts within a group), "
+                          f"not {self.num_generations}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise RlError(f"--max-steps must be positive, or -1 to train for --epochs (not {self.max_steps})")
+        if self.beta < 0:
+            raise RlError(f"--beta must not be negative, not {self.beta}")
+        if not 0 < self.top_p <= 1:
+            raise RlError(f"--top-p must be in (0, 1], not {self.top_p}")
+        if self.loss_type not in LOSS_TYPES:
+            raise RlError(f"unknown --loss-type {self.loss_type!r} (use one of {', '.join(LOSS_TYPES)})")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise RlError(f"--scale-rewards must be one of {', '.join(SCALE_REWARDS)}, not {self.scale_rewards!r}")
+        if self.vllm not in VLLM_MODES:
+            raise RlError(f"--vllm must be off or colocate, not {self.vllm!r} (multi-turn rollouts sample turn "
+                          "by turn in each process, which TRL's vLLM server mode does not support)")
+        if self.kl_argument_scale is not None:
+            if not 0 <= self.kl_argument_scale <= 1:
+                raise RlError(f"--kl-argument-scale must be in [0, 1], not {self.kl_argument_scale}")
+            if self.beta == 0:
+                raise RlError("--kl-argument-scale needs a KL term (--beta above 0)")
+        if self.max_tokens > self.max_completion_length:
+            raise RlError(f"--max-tokens {self.max_tokens} is larger than --max-completion-length "
+                          f"{self.max_completion_length}")
+        if self.turn_batch is not None and self.turn_batch < 1:
+            raise RlError(f"--turn-batch must be positive, not {self.turn_batch}")
+        if self.max_invalid < 0:
+            raise RlError(f"--max-invalid must not be negative, not {self.max_invalid}")
+        if self.w_center_distance < 0 or self.w_answer < 0 or self.w_localisation < 0 or self.w_repeat < 0:
+            raise RlError("reward weights must not be negative (the repeat weight is subtracted)")
+        if self.clue_gap < 0:
+            raise RlError(f"--clue-gap must not be negative, not {self.clue_gap}")
+        from .sft import BF16_CHOICES
+
+        if str(self.bf16).strip().lower() not in BF16_CHOICES:
+            raise RlError(f"--bf16 must be auto, true or false, not {self.bf16!r}")
+
+    def batch_check(self, world_size: int) -> None:
+        """The generation batch must hold whole groups."""
+        per_step = self.batch_size * self.grad_accum * world_size
+        if per_step % self.num_generations:
+            raise RlError(f"--batch-size {self.batch_size} x --grad-accum {self.grad_accum} x {world_size} "
+                          f"process(es) = {per_step} rollouts per step, which is not a multiple of "
+                          f"--num-generations {self.num_generations}")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+@dataclass
+class RlItem:
+    """A QA item ready for rollouts: its video file and merged clues."""
+
+    key: str                  # the prompt TRL carries for it (the item's qid)
+    item: Any                 # train.qa_items.QAItem
+    video: Path
+    clues: list[tuple[float, float]]
+
+
+@dataclass
+class RlData:
+    path: str
+    items: list[RlItem] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        videos = len({str(i.video) for i in self.items})
+        bad = f", {len(self.errors)} skipped" if self.errors else ""
+        return f"{len(self.items)} QA items over {videos} videos{bad}"
+
+
+def load_rl_data(settings: RlSettings) -> RlData:
+    """Read the QA items and resolve their videos; RlError when nothing usable remains."""
+    from ..infer.benchmarks import EvalFormatError, resolve_video
+    from .qa_items import load_qa_items
+
+    name = settings.qa
+    if name == "-":
+        raise RlError("QA '-' (stdin) is not supported by `lvr rl`: every process reads the file; pass a path")
+    if not Path(name).is_file():
+        raise RlError(f"{name}: no such QA file" if not Path(name).exists() else f"{name}: not a file")
+    try:
+        items, errors = load_qa_items(name, settings.format)
+    except EvalFormatError as e:
+        raise RlError(str(e)) from None
+    data = RlData(name, errors=list(errors))
+    video_dir = Path(settings.video_dir) if settings.video_dir else Path(name).parent
+    for item in items[: settings.max_items] if settings.max_items else items:
+        try:
+            video = resolve_video(item.video, video_dir)
+        except (EvalFormatError, OSError) as e:
+            data.errors.append(f"{item.qid}: {e}")
+            continue
+        data.items.append(RlItem(item.qid, item, video, merge_intervals(item.clues, settings.clue_gap)))
+    if not data.items:
+        first = f" (first problem: {data.errors[0]})" if data.errors else ""
+        raise RlError(f"{name}: no usable QA items{first}")
+    return data
+
+
+# -- rollouts ------------------------------------------------------------------------------------
+
+class RolloutFunction:
+    """TRL's `rollout_func(prompts, trainer)`: one multi-turn rollout per prompt, through `run_agent`.
+
+    Holds the navigator session (trees, caption store, captioner, video_qa) on
+    one background event loop for the whole run. `last` keeps the rollouts of the
+    latest call, for the trainer's logging.
+    """
+
+    def __init__(self, settings: RlSettings, data: RlData, nav, cache_dir: Path, tokenizer,
+                 *, log: Callable[[str], None] | None = None):
+        from .rollout import LoopThread
+
+        self.settings = settings
+        self.items = {it.key: it for it in data.items}
+        self.nav = nav
+        self.cache_dir = Path(cache_dir)
+        self.tokenizer = tokenizer
+        self.log = log or (lambda _m: None)
+        self.loop = LoopThread()
+        self.navigator = None
+        self.last: list[dict] = []
+        self.last_records: list = []
+
+    def _navigator(self):
+        from ..infer.navigator import Navigator
+
+        if self.navigator is None:
+            self.navigator = Navigator(self.nav, self.cache_dir)
+        return self.navigator
+
+    def close(self) -> None:
+        if self.navigator is not None:
+            try:
+                self.loop.run(self.navigator.aclose())
+            except Exception:  # noqa: BLE001 - closing must not hide the real outcome
+                pass
+        self.loop.close()
+
+    # The generation backend for this step, inside the contexts TRL itself uses for generation.
+    def _generate_contexts(self, trainer):
+        import contextlib
+
+        import torch
+
+        stack = contextlib.ExitStack()
+        if trainer.use_vllm:
+            from .rollout import VLLMTurnGenerator
+
+            return stack, VLLMTurnGenerator(trainer.vllm_generation, self.tokenizer,
+                                            eos_token_ids=trainer.eos_token_ids)
+        from trl.models.utils import unwrap_model_for_generation
+
+        from .rollout import TransformersTurnGenerator
+
+        model = stack.enter_context(unwrap_model_for_generation(
+            trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+            generation_kwargs=getattr(trainer, "generation_kwargs", None),
+            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs))
+        stack.enter_context(torch.no_grad())
+        dist = getattr(trainer, "_dist", None)
+        if dist is not None:
+            stack.enter_context(dist.summon_full_params(trainer.model_wrapped, recurse=False))
+        # Generation runs in a worker thread, where grad mode and autocast must be set again.
+        generator = TransformersTurnGenerator(model, self.tokenizer, trainer.generation_config,
+                                              temperature=self.settings.temperature,
+                                              eos_token_ids=trainer.eos_token_ids,
+                                              pad_token_id=self.tokenizer.pad_token_id,
+                                              autocast=trainer.accelerator.autocast)
+        return stack, generator
+
+    def preflight(self) -> None:
+        """Fail at once, naming the URL, when the captioner's (or video_qa's) endpoint cannot be reached."""
+        from ..prep.models.base import ModelError
+
+        try:
+            self.loop.run(self._preflight())
+        except ModelError as e:
+            raise RlError(str(e)) from None
+
+    async def _preflight(self) -> None:
+        await self._navigator().preflight()
+
+    def prepare_trees(self, data: RlData) -> None:
+        """Segment (or load from the cache) every item's video now, not in the middle of a step.
+
+        Items whose video cannot be used are moved to `data.errors`.
+        """
+        from ..prep.probe import VideoError
+
+        keep, bad = [], {}
+        for it in data.items:
+            key = str(it.video)
+            if key not in bad:
+                try:
+                    self.loop.run(self._navigator().tree(it.video))
+                except (VideoError, ValueError, OSError) as e:
+                    bad[key] = str(e)
+            if key in bad:
+                data.errors.append(f"{it.key}: {it.video}: {bad[key]}")
+            else:
+                keep.append(it)
+        data.items = keep
+        self.items = {it.key: it for it in keep}
+        if not keep:
+            raise RlError(f"{data.path}: no usable QA items (first problem: {data.errors[0]})")
+
+    def __call__(self, prompts: list, trainer) -> dict:
+        from .rollout import RolloutError, TurnBatcher
+
+        started = time.perf_counter()
+        stack, generator = self._generate_contexts(trainer)
+        with stack:
+            batcher = TurnBatcher(generator, max_batch=self.settings.turn_batch)
+            try:
+                records = self.loop.run(self._collect([str(p) for p in prompts], batcher))
+            except RolloutError as e:
+                raise RlError(str(e)) from None
+        out = self._to_trl(records)
+        errors = [(r["qid"], r["error"]) for r in out["rollout"] if r["error"]]
+        if errors and len(errors) == len(out["rollout"]):
+            raise RlError(f"every rollout of this step failed; the first ({errors[0][0]}): {errors[0][1]}")
+        for qid, error in errors[:3]:
+            self.log(f"lvr rl: a rollout of {qid} failed and is not scored: {error}")
+        self.last = out["rollout"]
+        self.last_records = records
+        self._metrics(trainer, out["rollout"], batcher, time.perf_counter() - started)
+        return out
+
+    async def _collect(self, keys: list[str], batcher) -> list:
+        navigator = self._navigator()
+        results = await batcher.run([self._one(navigator, key, batcher) for key in keys])
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+    async def _one(self, navigator, key: str, batcher):
+        from ..infer.agent import AgentOptions, AgentResult, run_agent
+        from ..infer.environment import VideoEnv
+        from ..prep.models.base import ModelError
+        from ..prep.probe import VideoError
+        from .rollout import TokenRecordingModel
+
+        it = self.items.get(key)
+        if it is None:
+            raise RlError(f"the trainer asked for an unknown item {key!r}")
+        s = self.settings
+        model = TokenRecordingModel(self.tokenizer, batcher, max_completion_tokens=s.max_completion_length)
+        agent = AgentOptions(max_rounds=s.max_turns, max_invalid=s.max_invalid, max_tokens=s.max_tokens,
+                             temperature=s.temperature, top_p=s.top_p)
+        try:
+            nodes = await navigator.tree(it.video)
+            env = VideoEnv(nodes, navigator.captioner(s.subtitles and it.item.extra.get("subtitles", True)),
+                           navigator.video_qa())
+        except (VideoError, ValueError, ModelError) as e:
+            result = AgentResult(it.item.question, it.item.options, stopped="error", error=str(e))
+            return it, None, model, result
+        result = await run_agent(model, env, it.item.question, it.item.options, template=navigator.template,
+                                 agent=agent)
+        return it, env, model, result
+
+    def _to_trl(self, records: list) -> dict:
+        from .rollout import MASK_ENV
+
+        eos = self.tokenizer.eos_token_id
+        out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": [],
+                                "rollout": []}
+        for it, env, model, result in records:
+            rec = model.record
+            prompt = list(rec.prompt_ids) or list(self.tokenizer(it.item.question, add_special_tokens=False)
+                                                  ["input_ids"]) or [eos]
+            completion, mask, logprobs = list(rec.completion_ids), list(rec.env_mask), list(rec.logprobs)
+            if not rec.truncated and (not completion or completion[-1] != eos):
+                # A finished rollout ends with the end-of-turn token (template text, not trained on).
+                completion.append(eos)
+                mask.append(MASK_ENV)
+                logprobs.append(0.0)
+            infra_error = result.error is not None and not rec.truncated
+            out["prompt_ids"].append(prompt)
+            out["completion_ids"].append(completion)
+            out["logprobs"].append(logprobs)
+            out["env_mask"].append(mask)
+            out["rollout"].append({
+                "qid": it.key,
+                "video_id": env.video_id if env else None,
+                "answer": result.answer, "choice": result.choice,
+                "options": list(it.item.options), "reference": it.item.answer,
+                "visits": [v.to_record() for v in env.visits] if env else [],
+                "clues": [list(c) for c in it.clues],
+                "duration": env.duration if env else None,
+                "turns": len(result.turns),
+                "invalid_turns": sum(1 for t in result.turns if t.breach),
+                "tool_calls": len(env.visits) if env else 0,     # executed (rule-breaking calls are not)
+                "stopped": result.stopped,
+                "truncated": rec.truncated,
+                "error": result.error if infra_error else None,
+                "turn_texts": [t.text for t in result.turns],
+                "results": [t.result for t in result.turns],
+                "breaches": [t.breach for t in result.turns],
+                "turn_spans": [list(s) for s in rec.turns],
+            })
+        return out
+
+    def _metrics(self, trainer, rollouts: list[dict], batcher, seconds: float) -> None:
+        log = getattr(trainer, "_log_metric", None)
+        if log is None:
+            return
+        for r in rollouts:
+            log("rollout/turns", float(r["turns"]))
+            log("rollout/invalid_turn_share", r["invalid_turns"] / r["turns"] if r["turns"] else 0.0)
+            log("rollout/tool_calls", float(r["tool_calls"]))
+            log("rollout/answered", 1.0 if r["stopped"] == "answered" else 0.0)
+            log("rollout/truncated", 1.0 if r["truncated"] else 0.0)
+            log("rollout/errors", 1.0 if r["error"] else 0.0)
+        log("rollout/seconds", seconds)
+        log("rollout/turn_batches", float(len(batcher.batches)))
+
+
+def make_reward_function(weights: RewardWeights):
+    """The TRL reward function: the composite reward of each rollout; each part logged as a metric."""
+
+    def lvr_reward(prompts=None, completions=None, rollout=None, log_metric=None, **kwargs):
+        rewards = []
+        for r in rollout or []:
+            if r.get("error"):
+                r["reward"] = None
+                rewards.append(None)  # unscorable: TRL gives it no advantage and leaves it out of the baseline
+                continue
+            parts = composite_reward(answer=r["answer"], choice=r["choice"], options=r["options"],
+                                     reference=r["reference"], visits=r["visits"], clues=r["clues"],
+                                     duration=r["duration"], weights=weights)
+            r["reward"] = parts.to_record()
+            rewards.append(parts.total)
+            if log_metric is not None:
+                for part in REWARD_PARTS:
+                    log_metric(f"rewards/{part}", float(getattr(parts, part)))
+        return rewards
+
+    lvr_reward.__name__ = "lvr_reward"
+    return lvr_reward
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+def scaled_reference(ref, current, scale: float):
+    """Reference log-probs ref' that scale the gradient of TRL's k3 KL term by `scale`.
+
+    TRL adds beta·k3(d) per token with d = ref − logp, k3(d) = e^d − d − 1, whose
+    gradient in logp is beta·(1 − e^d). With
+
+        ref' = p + log(1 − s + s·e^(ref − p)),
+
+    p being the policy's log-prob at sampling time, the gradient at logp = p is
+    s·beta·(1 − e^(ref − p)): exactly s times the original. GRPO with one
+    iteration per batch evaluates the loss at logp = p, so the penalty on these
+    tokens is scaled by s; s = 0 removes it (ref' = p), s = 1 changes nothing.
+    """
+    import math
+
+    import torch
+
+    if scale <= 0:
+        return current.clone()
+    if scale >= 1:
+        return ref
+    d = (ref - current).float()
+    moved = torch.logaddexp(torch.full_like(d, math.log1p(-scale)), d + math.log(scale))  # stable for large d
+    return (current.float() + moved).to(ref.dtype)
+
+
+def _trainer_class():
+    """GRPOTrainer plus the token-aware KL and the rollout log (built lazily: TRL is heavy to import)."""
+    import torch
+    from trl import GRPOTrainer
+
+    class LvrGRPOTrainer(GRPOTrainer):
+        def __init__(self, *args, lvr_rollouts: RolloutFunction, lvr_settings: RlSettings, **kwargs):
+            self.lvr_rollouts = lvr_rollouts
+            self.lvr_settings = lvr_settings
+            self.lvr_last_batch: dict | None = None
+            self._lvr_log_file = None
+            super().__init__(*args, rollout_func=lvr_rollouts, **kwargs)
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            rollouts = self.lvr_rollouts.last
+            scale = self.lvr_settings.kl_argument_scale
+            if scale is not None and output.get("ref_per_token_logps") is not None:
+                output["ref_per_token_logps"] = self._token_aware_reference(output, scale)
+            self.lvr_last_batch = {k: output[k] for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                           "completion_mask", "advantages") if k in output}
+            if "tool_mask" in output:
+                self.lvr_last_batch["tool_mask"] = output["tool_mask"]
+            if self.lvr_settings.rollout_log:
+                self._write_rollout_log(output, rollouts)
+            return output
+
+        def _token_aware_reference(self, output, scale: float):
+            """Reference log-probs that scale the KL penalty by `scale` on node-id tokens (`scaled_reference`)."""
+            from .rollout import argument_token_mask
+
+            ref = output["ref_per_token_logps"]
+            current = output.get("old_per_token_logps")
+            if current is None:
+                current = output.get("sampling_per_token_logps")
+            if current is None:
+                return ref
+            marks = torch.zeros_like(ref, dtype=torch.bool)
+            for row, rec in enumerate(self.lvr_rollouts.last_records[: ref.shape[0]]):
+                record = rec[2].record
+                for start, end in record.turns:
+                    for i, m in enumerate(argument_token_mask(self.processing_class, record.completion_ids[start:end])):
+                        if m and start + i < ref.shape[1]:
+                            marks[row, start + i] = True
+            self._metrics["train"]["kl_argument_tokens"].append(
+                float(self.accelerator.gather(marks.sum()).sum().item()))
+            return torch.where(marks, scaled_reference(ref, current, scale), ref)
+
+        def _write_rollout_log(self, output, rollouts: list[dict]) -> None:
+            from accelerate.utils import gather_object as gather
+
+            completion_mask = output["completion_mask"]
+            loss_mask = completion_mask * output["tool_mask"] if "tool_mask" in output else completion_mask
+            lines = []
+            for row, r in enumerate(rollouts):
+                prompt = output["prompt_ids"][row][output["prompt_mask"][row].bool()].tolist()
+                n = int(completion_mask[row].sum().item())
+                line = {"schema": ROLLOUT_SCHEMA, "step": self.state.global_step, "process":
+                        self.accelerator.process_index, **{k: v for k, v in r.items() if k != "visits"},
+                        "visits": r["visits"], "advantage": float(output["advantages"][row].item()),
+                        "prompt_ids": prompt,
+                        "completion_ids": output["completion_ids"][row][:n].tolist(),
+                        "loss_mask": loss_mask[row][:n].tolist()}
+                if output.get("sampling_per_token_logps") is not None:
+                    line["sampling_logprobs"] = [round(float(x), 5) for x in
+                                                 output["sampling_per_token_logps"][row][:n].tolist()]
+                lines.append(json.dumps(line, ensure_ascii=False))
+            lines = gather(lines)
+            if self.accelerator.is_main_process:
+                if self._lvr_log_file is None:
+                    Path(self.lvr_settings.rollout_log).parent.mkdir(parents=True, exist_ok=True)
+                    self._lvr_log_file = open(self.lvr_settings.rollout_log, "a", encoding="utf-8")
+                self._lvr_log_file.write("".join(x + "\n" for x in lines))
+                self._lvr_log_file.flush()
+
+    return LvrGRPOTrainer
+
+
+class _Progress:
+    """One line per logged step on the main process (a TrainerCallback, built lazily)."""
+
+    def __new__(cls, log: Callable[[str], None]):
+        from transformers import TrainerCallback
+
+        class Progress(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if not state.is_world_process_zero or not logs or "reward" not in logs:
+                    return
+                parts = " ".join(f"{p} {logs[f'rewards/{p}']:.3f}" for p in REWARD_PARTS
+                                 if isinstance(logs.get(f"rewards/{p}"), (int, float)))
+                kl = logs.get("kl")
+                log(f"lvr rl: step {state.global_step}/{state.max_steps} reward {logs['reward']:.3f} ({parts}) "
+                    f"turns {logs.get('rollout/turns', 0):.1f} invalid {100 * logs.get('rollout/invalid_turn_share', 0):.0f}%"
+                    + (f" kl {kl:.2e}" if isinstance(kl, (int, float)) else ""))
+
+        return Progress()
+
+
+@dataclass
+class RlRun:
+    settings: RlSettings
+    data: RlData
+    trainer: Any
+    tokenizer: Any
+    rollouts: RolloutFunction
+    template: Any
+    bf16: bool
+    resume_from: str | None
+
+
+def _resolve_template(tokenizer, chat_template: str | None):
+    """The SFT helper's think-keeping template fix; a template that only lacks generation marks is fine for RL."""
+    from .chat_template import TemplateError, TemplateFix, ensure_think_preserving_template, template_keeps_think
+
+    try:
+        return ensure_think_preserving_template(tokenizer, chat_template)
+    except TemplateError as e:
+        current = tokenizer.chat_template
+        if chat_template is None and current and template_keeps_think(tokenizer, current):
+            return TemplateFix(False, "model", "the model's chat template keeps <think>", current)
+        raise RlError(f"--model: {e}") from None
+
+
+def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], None] | None = None,
+                  data: RlData | None = None) -> RlRun:
+    """Check everything, load the tokenizer, and build the GRPO trainer (no training yet)."""
+    from .sft import _has_checkpoints, _one_line, _quiet_libraries, check_model, last_checkpoint, resolve_bf16, \
+        world_size
+
+    settings.check()
+    settings.batch_check(world_size())
+    try:
+        model = check_model(settings.model)
+    except ValueError as e:
+        raise RlError(str(e)) from None
+    data = data if data is not None else load_rl_data(settings)
+    output = Path(settings.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise RlError(f"-o {settings.output}: exists and is not a folder")
+    resume_from = last_checkpoint(output) if settings.resume else None
+    if not settings.resume and _has_checkpoints(output):
+        raise RlError(f"-o {settings.output}: holds checkpoints of an earlier run; pass --resume to continue it, "
+                      "or choose another folder")
+    if settings.vllm != "off":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise RlError("--vllm colocate needs vLLM: pip install 'lvr[vllm]' (on a CUDA machine)") from None
+
+    _quiet_libraries()
+    import datasets
+    from transformers import AutoConfig, AutoTokenizer, PrinterCallback
+    from trl import GRPOConfig
+
+    bf16 = resolve_bf16(settings.bf16, cpu=settings.cpu)
+    try:
+        AutoConfig.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 - one line naming the model
+        raise RlError(f"--model {settings.model}: cannot load it ({_one_line(e)})") from None
+    template = _resolve_template(tokenizer, settings.chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+    from ..infer.protocol import STOP_STRINGS
+
+    vllm_kwargs: dict[str, Any] = {}
+    if settings.vllm == "colocate":
+        vllm_kwargs = dict(use_vllm=True, vllm_mode="colocate",
+                           vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                           generation_kwargs={"stop": list(STOP_STRINGS), "include_stop_str_in_output": True,
+                                              "max_tokens": settings.max_tokens})
+    config = GRPOConfig(
+        output_dir=str(output),
+        learning_rate=settings.lr,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup_ratio,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        beta=settings.beta,
+        loss_type=settings.loss_type,
+        epsilon=settings.epsilon,
+        scale_rewards=settings.scale_rewards,
+        num_iterations=settings.num_iterations,
+        bf16=bf16,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        report_to=[] if settings.report_to in ("none", "") else [settings.report_to],
+        use_cpu=settings.cpu,
+        model_init_kwargs={"dtype": "float32", **({"device_map": None} if world_size() > 1 else {})},
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        log_completions=False,
+        **vllm_kwargs,
+    )
+    rollouts = RolloutFunction(settings, data, nav, cache_dir, tokenizer, log=log)
+    try:
+        rollouts.preflight()
+        with config.main_process_first(desc="video trees"):  # the main process segments, the others read the cache
+            rollouts.prepare_trees(data)
+    except BaseException:
+        rollouts.close()
+        raise
+    train_dataset = datasets.Dataset.from_list([{"prompt": it.key} for it in data.items])
+    trainer_cls = _trainer_class()
+    callbacks = [_Progress(log)] if log else []
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.16
+    trainer = trainer_cls(model=model, reward_funcs=[make_reward_function(settings.weights())], args=config,
+                          train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks,
+                          lvr_rollouts=rollouts, lvr_settings=settings)
+    trainer.remove_callback(PrinterCallback)
+    if getattr(trainer, "is_fsdp_enabled", False):
+        rollouts.close()
+        raise RlError("lvr rl cannot run under FSDP: its rollouts sample turn by turn in each process, and every "
+                      "FSDP forward is a collective that the other processes would have to join; use DeepSpeed "
+                      "ZeRO-3 (configs/accelerate/zero3.yaml) or plain DDP")
+    return RlRun(settings, data, trainer, tokenizer, rollouts, template, bf16, resume_from)
+
+
+# -- training and saving ------------------------------------------------------------------------
+
+CURVE_KEYS = ("reward", "reward_std", *(f"rewards/{p}" for p in REWARD_PARTS), "rollout/turns",
+              "rollout/invalid_turn_share", "rollout/tool_calls", "rollout/answered", "rollout/truncated",
+              "rollout/errors", "kl", "kl_argument_tokens", "entropy", "completions/mean_length", "loss", "learning_rate")
+
+
+def reward_curve(log_history: list[dict]) -> list[dict]:
+    """The logged steps, with the reward, its parts, turns, invalid share and KL."""
+    curve = []
+    for entry in log_history:
+        if "reward" in entry and "step" in entry:
+            point = {"step": entry["step"]}
+            for key in CURVE_KEYS:
+                value = entry.get(key)
+                if isinstance(value, (int, float)):
+                    point[key] = round(float(value), 6) if key != "learning_rate" else float(value)
+            curve.append(point)
+    return curve
+
+
+def run_rl(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], None] | None = None) -> dict:
+    """Train, save the checkpoint (with its chat template) into settings.output, return the lvr_rl.json record."""
+    from .. import __version__
+    from ..infer.protocol import load_system_prompt
+    from ..prep.captioning import load_system_prompt as load_caption_prompt
+    from ..prep.jsonl import write_atomic
+    from .sft import world_size
+
+    say = log or (lambda _m: None)
+    started = time.time()
+    run = build_trainer(settings, nav, cache_dir, log=log)
+    trainer, output = run.trainer, Path(settings.output).expanduser()
+    main = trainer.is_world_process_zero()
+    if main:
+        for err in run.data.errors:
+            say(f"lvr rl: skipped: {err}")
+        say(f"lvr rl: {run.data.describe()}; template: {run.template.reason}; group {settings.num_generations}, "
+            f"lr {settings.lr:g}, beta {settings.beta:g}, max turns {settings.max_turns}, "
+            f"generation {'vLLM colocate' if settings.vllm == 'colocate' else 'transformers'}, "
+            f"bf16 {'on' if run.bf16 else 'off'}, {world_size()} process(es)")
+    try:
+        train_started = time.time()
+        trainer.train(resume_from_checkpoint=run.resume_from)
+        train_seconds = time.time() - train_started
+        trainer.save_model(str(output))
+        if main:
+            run.tokenizer.save_pretrained(str(output))
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        run.rollouts.close()
+        if trainer._lvr_log_file is not None:
+            trainer._lvr_log_file.close()
+    curve = reward_curve(trainer.state.log_history)
+    record = {
+        "schema": SCHEMA,
+        "model": settings.model,
+        "output": str(output),
+        "data": {"path": run.data.path, "items": len(run.data.items), "skipped": run.data.errors},
+        "template": run.template.to_record(),
+        "settings": {**asdict(settings), "bf16_resolved": run.bf16, "reward_weights": settings.weights().to_record(),
+                     "kl_estimator": "k3 (low-variance): exp(ref - logp) - (ref - logp) - 1"},
+        "navigator": nav.settings(load_system_prompt(nav.system_prompt_file),
+                                  load_caption_prompt(nav.caption_prompt_file), settings.subtitles),
+        "world_size": world_size(),
+        "resumed_from": run.resume_from,
+        "steps": trainer.state.global_step,
+        "first_reward": curve[0]["reward"] if curve else None,
+        "last_reward": curve[-1]["reward"] if curve else None,
+        "curve": curve,
+        "train_seconds": round(train_seconds, 2),
+        "seconds": round(time.time() - started, 2),
+        "producer": {"tool": "lvr rl", "version": __version__},
+    }
+    if main:
+        write_atomic(output / RECORD_FILE, json.dumps(record, indent=1, default=str) + "\n")
+    return record
+
+
+def summary_line(record: dict) -> str:
+    reward = (f"reward {record['first_reward']:.3f} -> {record['last_reward']:.3f}"
+              if record["first_reward"] is not None else "no reward logged")
+    return (f"lvr rl: {record['data']['items']} items, {record['steps']} steps, {reward}, "
+            f"{record['seconds']:.1f} s; model in {record['output']}")
