@@ -74,9 +74,10 @@ def rl_command(
     max_completion_length: int = typer.Option(24576, "--max-completion-length", rich_help_panel=_ROLLOUT,
                                               help="Token limit of a whole rollout after its prompt (turns and "
                                                    "tool results)."),
-    vllm: str = typer.Option("off", "--vllm", rich_help_panel=_ROLLOUT,
-                             help="off (transformers generate on the policy) or colocate (TRL's vLLM engine "
-                                  "in each process; needs pip install 'lvr[vllm]')."),
+    vllm: str = typer.Option("auto", "--vllm", rich_help_panel=_ROLLOUT,
+                             help="auto (colocate when vLLM is installed and a GPU is there), off (transformers "
+                                  "generate on the policy) or colocate (TRL's vLLM engine in each process; "
+                                  "needs pip install 'lvr[vllm]')."),
     vllm_gpu_memory_utilization: float = typer.Option(0.3, "--vllm-gpu-memory-utilization", rich_help_panel=_ROLLOUT,
                                                       help="GPU memory share of the colocated vLLM engine."),
     turn_batch: Optional[int] = typer.Option(None, "--turn-batch", rich_help_panel=_ROLLOUT,

@@ -299,7 +299,7 @@ def test_usage_errors_are_one_line(world, tmp_path):
         ([*base, "--caption-model", "c", "--num-generations", "1"], "--num-generations must be at least 2"),
         ([*base, "--caption-model", "c", "--num-generations", "3", "--batch-size", "2", "--grad-accum", "1"],
          "not a multiple of --num-generations 3"),
-        ([*base, "--caption-model", "c", "--vllm", "server"], "--vllm must be off or colocate"),
+        ([*base, "--caption-model", "c", "--vllm", "server"], "--vllm must be auto, off or colocate"),
         ([*base, "--caption-model", "c", "--kl-argument-scale", "2"], "--kl-argument-scale must be in [0, 1]"),
         ([*base, "--caption-model", "c", "--model", str(tmp_path / "nowhere")], "no such model folder"),
         (["rl", str(tmp_path / "missing.jsonl"), "--model", str(world["model"]), "-o", str(tmp_path / "o"),
@@ -458,3 +458,21 @@ def test_reward_rises_on_a_toy_task(world, tmp_path):
     assert len(rewards) == 30
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.15, rewards
+
+
+def test_vllm_auto_falls_back_to_transformers_without_vllm_or_gpu(monkeypatch):
+    import importlib.util
+
+    from lvr.train.rl import resolve_vllm_mode
+
+    assert resolve_vllm_mode("off") == "off" and resolve_vllm_mode("colocate") == "colocate"
+    assert resolve_vllm_mode("auto", cpu=True) == "off"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert resolve_vllm_mode("auto") == "off"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_vllm_mode("auto") == "colocate"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_vllm_mode("auto") == "off"

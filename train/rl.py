@@ -46,7 +46,22 @@ from .rewards import RewardWeights, composite_reward
 SCHEMA = "lvr.rl/1"
 ROLLOUT_SCHEMA = "lvr.rollout/1"
 RECORD_FILE = "lvr_rl.json"
-VLLM_MODES = ("off", "colocate")
+VLLM_MODES = ("auto", "off", "colocate")
+
+
+def resolve_vllm_mode(mode: str, *, cpu: bool = False) -> str:
+    """`auto` is colocate when vLLM imports and a CUDA GPU is there, else off (transformers generate)."""
+    if mode != "auto":
+        return mode
+    if cpu:
+        return "off"
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "off"
+    import torch
+
+    return "colocate" if torch.cuda.is_available() else "off"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
 REWARD_PARTS = ("answer", "localisation", "repeat", "center_distance")
@@ -97,7 +112,7 @@ class RlSettings:
     w_center_distance: float = 0.0
     kl_argument_scale: float | None = None   # token-aware KL: scale on node-id tokens (off when None)
     # generation
-    vllm: str = "off"
+    vllm: str = "auto"                       # auto: colocate when vLLM is installed and a GPU is there
     vllm_gpu_memory_utilization: float = 0.3
     turn_batch: int | None = None            # most turns sampled in one generate call (None: all waiting)
     # running
@@ -142,7 +157,7 @@ class RlSettings:
         if self.scale_rewards not in SCALE_REWARDS:
             raise RlError(f"--scale-rewards must be one of {', '.join(SCALE_REWARDS)}, not {self.scale_rewards!r}")
         if self.vllm not in VLLM_MODES:
-            raise RlError(f"--vllm must be off or colocate, not {self.vllm!r} (multi-turn rollouts sample turn "
+            raise RlError(f"--vllm must be auto, off or colocate, not {self.vllm!r} (multi-turn rollouts sample turn "
                           "by turn in each process, which TRL's vLLM server mode does not support)")
         if self.kl_argument_scale is not None:
             if not 0 <= self.kl_argument_scale <= 1:
@@ -642,7 +657,8 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
     if not settings.resume and _has_checkpoints(output):
         raise RlError(f"-o {settings.output}: holds checkpoints of an earlier run; pass --resume to continue it, "
                       "or choose another folder")
-    if settings.vllm != "off":
+    vllm_mode = resolve_vllm_mode(settings.vllm, cpu=settings.cpu)
+    if vllm_mode == "colocate":
         try:
             import vllm  # noqa: F401
         except ImportError:
@@ -667,7 +683,7 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
     from ..infer.protocol import STOP_STRINGS
 
     vllm_kwargs: dict[str, Any] = {}
-    if settings.vllm == "colocate":
+    if vllm_mode == "colocate":
         vllm_kwargs = dict(use_vllm=True, vllm_mode="colocate",
                            vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
                            generation_kwargs={"stop": list(STOP_STRINGS), "include_stop_str_in_output": True,
@@ -775,7 +791,7 @@ def run_rl(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], N
             say(f"lvr rl: skipped: {err}")
         say(f"lvr rl: {run.data.describe()}; template: {run.template.reason}; group {settings.num_generations}, "
             f"lr {settings.lr:g}, beta {settings.beta:g}, max turns {settings.max_turns}, "
-            f"generation {'vLLM colocate' if settings.vllm == 'colocate' else 'transformers'}, "
+            f"generation {'vLLM colocate' if vllm_mode == 'colocate' else 'transformers'}, "
             f"bf16 {'on' if run.bf16 else 'off'}, {world_size()} process(es)")
     try:
         train_started = time.time()
