@@ -791,7 +791,7 @@ def run_rl(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], N
             say(f"lvr rl: skipped: {err}")
         say(f"lvr rl: {run.data.describe()}; template: {run.template.reason}; group {settings.num_generations}, "
             f"lr {settings.lr:g}, beta {settings.beta:g}, max turns {settings.max_turns}, "
-            f"generation {'vLLM colocate' if vllm_mode == 'colocate' else 'transformers'}, "
+            f"generation {'vLLM colocate' if trainer.use_vllm else 'transformers'}, "
             f"bf16 {'on' if run.bf16 else 'off'}, {world_size()} process(es)")
     try:
         train_started = time.time()
