@@ -13,7 +13,7 @@ from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionA
                             DeviceOption, MaxInvalidOption, MaxRetriesOption, MaxRoundsOption, MaxTokensOption,
                             MaxWidthOption, MinWidthOption, ModelOption, QaApiKeyOption, QaBackendOption,
                             QaBaseUrlOption, QaModelOption, SeedOption, SegmentSecondsOption, SystemPromptOption,
-                            TemperatureOption, TimeoutOption, navigator_options, HighFramesOption,
+                            TemperatureOption, TimeoutOption, navigator_options_from, HighFramesOption,
                             MediumFramesOption, LowFramesOption, CaptionSideOption, QaSideOption,
                             CaptionMaxTokensOption, CaptionTemperatureOption, QaMaxTokensOption)
 
@@ -83,16 +83,7 @@ def ask_command(
     if not question.strip():
         raise fail_usage("the question is empty")
     try:
-        nav = navigator_options(
-            backend=backend, model=model, base_url=base_url, api_key=api_key, caption_backend=caption_backend,
-            caption_model=caption_model, caption_base_url=caption_base_url, caption_api_key=caption_api_key,
-            qa_backend=qa_backend, qa_model=qa_model, qa_base_url=qa_base_url, qa_api_key=qa_api_key,
-            concurrency=concurrency, timeout=timeout, max_retries=max_retries, device=device,
-            max_rounds=max_rounds, max_invalid=max_invalid, max_tokens=max_tokens, temperature=temperature,
-            seed=seed, system_prompt=system_prompt, caption_system_prompt=caption_system_prompt,
-            min_width=min_width, max_width=max_width, segment_seconds=segment_seconds, high_frames=high_frames,
-            medium_frames=medium_frames, low_frames=low_frames, caption_side=caption_side, qa_side=qa_side,
-            caption_max_tokens=caption_max_tokens, caption_temperature=caption_temperature, qa_max_tokens=qa_max_tokens)
+        nav = navigator_options_from(locals())
         options = normalise_options(option)
         asked, trace = ask_video(video, question, options, nav, resolve_cache_dir(cache_dir),
                                  subtitles=not no_subtitles, trace_path=trace, html_path=html)

@@ -16,7 +16,7 @@ from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionA
                             MaxTokensOption, MaxWidthOption, MediumFramesOption, MinWidthOption, ModelOption,
                             QaApiKeyOption, QaBackendOption, QaBaseUrlOption, QaMaxTokensOption, QaModelOption,
                             QaSideOption, SeedOption, SegmentSecondsOption, SystemPromptOption, TemperatureOption,
-                            TimeoutOption, navigator_options)
+                            TimeoutOption, navigator_options_from)
 
 DATA_PANEL = "Questions"
 
@@ -94,17 +94,7 @@ def eval_command(
         raise fail_usage(f"--videomme-duration takes short, medium, long or all, not {videomme_duration!r}")
     log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr eval: {msg}"))
     try:
-        nav = navigator_options(
-            backend=backend, model=model, base_url=base_url, api_key=api_key, caption_backend=caption_backend,
-            caption_model=caption_model, caption_base_url=caption_base_url, caption_api_key=caption_api_key,
-            qa_backend=qa_backend, qa_model=qa_model, qa_base_url=qa_base_url, qa_api_key=qa_api_key,
-            concurrency=concurrency, timeout=timeout, max_retries=max_retries, device=device,
-            max_rounds=max_rounds, max_invalid=max_invalid, max_tokens=max_tokens, temperature=temperature,
-            seed=seed, system_prompt=system_prompt, caption_system_prompt=caption_system_prompt,
-            min_width=min_width, max_width=max_width, segment_seconds=segment_seconds, high_frames=high_frames,
-            medium_frames=medium_frames, low_frames=low_frames, caption_side=caption_side, qa_side=qa_side,
-            caption_max_tokens=caption_max_tokens, caption_temperature=caption_temperature,
-            qa_max_tokens=qa_max_tokens)
+        nav = navigator_options_from(locals())
         options = EvalOptions(format=fmt, subtitles=subtitles,
                               videomme_duration=None if videomme_duration == "all" else videomme_duration,
                               video_dir=video_dir, concurrency=question_concurrency, max_questions=max_questions)

@@ -128,3 +128,11 @@ def navigator_options(*, backend, model, base_url, api_key, caption_backend, cap
                        temperature=caption_temperature),
         system_prompt_file=system_prompt, caption_prompt_file=caption_system_prompt, qa_max_tokens=qa_max_tokens,
     )
+
+
+def navigator_options_from(values: dict):
+    """NavigatorOptions from a command's parameters (its `locals()`): the flags above, by name."""
+    import inspect
+
+    names = inspect.signature(navigator_options).parameters
+    return navigator_options(**{name: values[name] for name in names if name in values})

@@ -16,7 +16,7 @@ from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionA
                             MaxTokensOption, MaxWidthOption, MediumFramesOption, MinWidthOption, QaApiKeyOption,
                             QaBackendOption, QaBaseUrlOption, QaMaxTokensOption, QaModelOption, QaSideOption,
                             SeedOption, SegmentSecondsOption, SystemPromptOption, TemperatureOption, TimeoutOption,
-                            navigator_options, MAIN_PANEL)
+                            navigator_options_from, MAIN_PANEL)
 
 MODES_PANEL = "Other modes (instead of synthesizing)"
 DATA_PANEL = "QA items"
@@ -143,18 +143,7 @@ def synthesize_command(
 
     log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr synthesize: {msg}"))
     try:
-        nav = navigator_options(
-            backend=backend, model=teacher_model, base_url=base_url, api_key=api_key,
-            caption_backend=caption_backend, caption_model=caption_model, caption_base_url=caption_base_url,
-            caption_api_key=caption_api_key, qa_backend=qa_backend, qa_model=qa_model, qa_base_url=qa_base_url,
-            qa_api_key=qa_api_key, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
-            device=device, max_rounds=max_rounds, max_invalid=max_invalid, max_tokens=max_tokens,
-            temperature=temperature, seed=seed, system_prompt=system_prompt,
-            caption_system_prompt=caption_system_prompt, min_width=min_width, max_width=max_width,
-            segment_seconds=segment_seconds, high_frames=high_frames, medium_frames=medium_frames,
-            low_frames=low_frames, caption_side=caption_side, qa_side=qa_side,
-            caption_max_tokens=caption_max_tokens, caption_temperature=caption_temperature,
-            qa_max_tokens=qa_max_tokens)
+        nav = navigator_options_from({**locals(), "model": teacher_model})
         options = SynthesizeOptions(format=fmt, video_dir=video_dir, concurrency=item_concurrency,
                                     max_items=max_items, token_budget=token_budget, clue_gap_s=clue_gap,
                                     subtitles=not no_subtitles, price_prompt_per_m=price_prompt,
