@@ -377,16 +377,18 @@ def _sniff(rec: dict) -> str | None:
     return None
 
 
-def _detect(name: str, records: list[tuple[int, Any]]) -> str:
+def _detect(name: str, records: list[tuple[int, Any]], sniff=None, what: str = "question") -> str:
+    """The format of the first JSON object record, by `sniff` (this module's by default)."""
+    sniff = sniff or _sniff
     for lineno, rec in records:
         if isinstance(rec, dict):
-            fmt = _sniff(rec)
+            fmt = sniff(rec)
             if fmt is None:
                 keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
-                raise EvalFormatError(f"{name}:{lineno}: cannot tell the question format from this record "
+                raise EvalFormatError(f"{name}:{lineno}: cannot tell the {what} format from this record "
                                       f"(keys: {keys}); pass the format explicitly")
             return fmt
-    raise EvalFormatError(f"{name}: no JSON object records to tell the question format from")
+    raise EvalFormatError(f"{name}: no JSON object records to tell the {what} format from")
 
 
 def _mlvu_files(path: Path) -> list[Path]:

@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .chat_template import TemplateError, TemplateFix, ensure_think_preserving_template
+from .chat_template import TemplateFix
 from .sft import (ADAPTER_DIR, SftError, SftSettings, _clean_messages, _drop_torn_checkpoints, _has_checkpoints,
-                  _merge_lora, _one_line, _quiet_libraries, _uniform, check_model, last_checkpoint,
+                  _merge_lora, _quiet_libraries, _uniform, check_model, last_checkpoint, load_training_tokenizer,
                   lora_target_modules, resolve_bf16, world_size)
 
 SCHEMA = "lvr.dpo/1"
@@ -261,21 +261,11 @@ def build_trainer(settings: DpoSettings, data: PairData | None = None, *,
         raise DpoError("PAIRS '-' (stdin) cannot be shared by several processes; pass a file")
 
     _quiet_libraries()
-    from transformers import AutoConfig, AutoTokenizer, PrinterCallback
+    from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     bf16 = resolve_bf16(settings.bf16, cpu=settings.cpu)
-    try:
-        AutoConfig.from_pretrained(model)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # noqa: BLE001 - one line naming the model
-        raise DpoError(f"--model {settings.model}: cannot load it ({_one_line(e)})") from None
-    try:
-        fix = ensure_think_preserving_template(tokenizer, settings.chat_template)
-    except TemplateError as e:
-        raise DpoError(f"--model {settings.model}: {e}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer, fix = load_training_tokenizer(model, settings.model, settings.chat_template, error=DpoError)
 
     checkpointing = settings.gradient_checkpointing
     if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"

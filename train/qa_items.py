@@ -33,6 +33,7 @@ from ..infer.benchmarks import (
     _answer_letter,
     _Bad,
     _Collector,
+    _detect,
     _id,
     _options,
     _read_text,
@@ -220,18 +221,6 @@ def _sniff(rec: dict) -> str | None:
     return None
 
 
-def _detect(name: str, records: list[tuple[int, Any]]) -> str:
-    for lineno, rec in records:
-        if isinstance(rec, dict):
-            fmt = _sniff(rec)
-            if fmt is None:
-                keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
-                raise QAFormatError(f"{name}:{lineno}: cannot tell the QA format from this record "
-                                    f"(keys: {keys}); pass the format explicitly")
-            return fmt
-    raise QAFormatError(f"{name}: no JSON object records to tell the QA format from")
-
-
 def load_qa_items(path: "str | Path", fmt: str = "auto", *,
                   stdin: IO[str] | None = None) -> tuple[list[QAItem], list[str]]:
     """Read a QA file (``-`` for stdin): JSONL or a JSON list.
@@ -251,7 +240,7 @@ def load_qa_items(path: "str | Path", fmt: str = "auto", *,
     if not records:
         return [], []
     if fmt == "auto":
-        fmt = _detect(name, records)
+        fmt = _detect(name, records, _sniff, "QA")
     col = _Collector(None)
     for lineno, rec in records:
         where = f"{name}:{lineno}"

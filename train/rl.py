@@ -624,24 +624,11 @@ class RlRun:
     resume_from: str | None
 
 
-def _resolve_template(tokenizer, chat_template: str | None):
-    """The SFT helper's think-keeping template fix; a template that only lacks generation marks is fine for RL."""
-    from .chat_template import TemplateError, TemplateFix, ensure_think_preserving_template, template_keeps_think
-
-    try:
-        return ensure_think_preserving_template(tokenizer, chat_template)
-    except TemplateError as e:
-        current = tokenizer.chat_template
-        if chat_template is None and current and template_keeps_think(tokenizer, current):
-            return TemplateFix(False, "model", "the model's chat template keeps <think>", current)
-        raise RlError(f"--model: {e}") from None
-
-
 def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], None] | None = None,
                   data: RlData | None = None) -> RlRun:
     """Check everything, load the tokenizer, and build the GRPO trainer (no training yet)."""
-    from .sft import _has_checkpoints, _one_line, _quiet_libraries, check_model, last_checkpoint, resolve_bf16, \
-        world_size
+    from .sft import _has_checkpoints, _quiet_libraries, check_model, last_checkpoint, load_training_tokenizer, \
+        resolve_bf16, world_size
 
     settings.check()
     settings.batch_check(world_size())
@@ -666,18 +653,12 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
 
     _quiet_libraries()
     import datasets
-    from transformers import AutoConfig, AutoTokenizer, PrinterCallback
+    from transformers import PrinterCallback
     from trl import GRPOConfig
 
     bf16 = resolve_bf16(settings.bf16, cpu=settings.cpu)
-    try:
-        AutoConfig.from_pretrained(model)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # noqa: BLE001 - one line naming the model
-        raise RlError(f"--model {settings.model}: cannot load it ({_one_line(e)})") from None
-    template = _resolve_template(tokenizer, settings.chat_template)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer, template = load_training_tokenizer(model, settings.model, settings.chat_template, need_masks=False,
+                                                  error=RlError)
     tokenizer.padding_side = "left"
 
     from ..infer.protocol import STOP_STRINGS

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .chat_template import TemplateError, TemplateFix, ensure_think_preserving_template
+from .chat_template import TemplateError, TemplateFix, ensure_think_preserving_template, template_keeps_think
 
 SCHEMA = "lvr.sft/1"
 RECORD_FILE = "lvr_sft.json"
@@ -367,6 +367,33 @@ def _quiet_libraries() -> None:
         pass
 
 
+def load_training_tokenizer(model: str, shown: str, chat_template: str | None, *, need_masks: bool = True,
+                            error: type[Exception] = SftError):
+    """(tokenizer, TemplateFix) of a model to train: think-keeping template, a pad token.
+
+    Shared by sft, dpo and rl. `need_masks=False` (rl: no assistant-only loss) also
+    accepts the model's own template when it keeps <think> but lacks generation marks.
+    Raises `error` with one line naming the model as the user gave it (`shown`).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 - one line naming the model
+        raise error(f"--model {shown}: cannot load it ({_one_line(e)})") from None
+    try:
+        fix = ensure_think_preserving_template(tokenizer, chat_template)
+    except TemplateError as e:
+        current = tokenizer.chat_template
+        if need_masks or chat_template is not None or not current or not template_keeps_think(tokenizer, current):
+            raise error(f"--model {shown}: {e}") from None
+        fix = TemplateFix(False, "model", "the model's chat template keeps <think>", current)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, fix
+
+
 def build_trainer(settings: SftSettings, data: SftData | None = None, *,
                   log: Callable[[str], None] | None = None) -> SftRun:
     """Check everything, load the tokenizer, fix its template, and build the SFTTrainer (no training yet)."""
@@ -386,21 +413,11 @@ def build_trainer(settings: SftSettings, data: SftData | None = None, *,
         raise SftError("DATA '-' (stdin) cannot be shared by several processes; pass a file")
 
     _quiet_libraries()
-    from transformers import AutoConfig, AutoTokenizer, PrinterCallback
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     bf16 = resolve_bf16(settings.bf16, cpu=settings.cpu)
-    try:
-        AutoConfig.from_pretrained(model)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # noqa: BLE001 - one line naming the model
-        raise SftError(f"--model {settings.model}: cannot load it ({_one_line(e)})") from None
-    try:
-        fix = ensure_think_preserving_template(tokenizer, settings.chat_template)
-    except TemplateError as e:
-        raise SftError(f"--model {settings.model}: {e}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer, fix = load_training_tokenizer(model, settings.model, settings.chat_template)
 
     import datasets
 
