@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .chat_template import TemplateFix
-from .sft import (ADAPTER_DIR, SftError, SftSettings, _clean_messages, _drop_torn_checkpoints, _has_checkpoints,
-                  _merge_lora, _quiet_libraries, _uniform, check_model, last_checkpoint, load_training_tokenizer,
+from .sft import (ADAPTER_DIR, SftError, SftSettings, _clean_messages, _drop_torn_checkpoints, _merge_lora,
+                  _quiet_libraries, _uniform, check_model, check_output_folder, load_training_tokenizer,
                   lora_target_modules, resolve_bf16, world_size)
 
 SCHEMA = "lvr.dpo/1"
@@ -199,19 +199,6 @@ def _progress_callback(log: Callable[[str], None]):
     return Progress()
 
 
-def _check_output(settings: DpoSettings) -> tuple[Path, str | None]:
-    output = Path(settings.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise DpoError(f"-o {settings.output}: exists and is not a folder")
-    resume_from = None
-    if settings.resume:
-        resume_from = last_checkpoint(output)
-    elif _has_checkpoints(output):
-        raise DpoError(f"-o {settings.output}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                       "or choose another folder")
-    return output, resume_from
-
-
 def _dataset(samples: list[dict], output: Path, config, on_disk: bool):
     """The pairs as a datasets.Dataset; on disk in OUT when every process must find the same cache files.
 
@@ -256,7 +243,7 @@ def build_trainer(settings: DpoSettings, data: PairData | None = None, *,
         model = check_model(settings.model)
     except SftError as e:
         raise DpoError(str(e)) from None
-    output, resume_from = _check_output(settings)
+    output, resume_from = check_output_folder(settings.output, settings.resume, error=DpoError)
     if data.path == "-" and world_size() > 1:
         raise DpoError("PAIRS '-' (stdin) cannot be shared by several processes; pass a file")
 

@@ -627,8 +627,8 @@ class RlRun:
 def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], None] | None = None,
                   data: RlData | None = None) -> RlRun:
     """Check everything, load the tokenizer, and build the GRPO trainer (no training yet)."""
-    from .sft import _has_checkpoints, _quiet_libraries, check_model, last_checkpoint, load_training_tokenizer, \
-        resolve_bf16, world_size
+    from .sft import _quiet_libraries, check_model, check_output_folder, load_training_tokenizer, resolve_bf16, \
+        world_size
 
     settings.check()
     settings.batch_check(world_size())
@@ -637,13 +637,7 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
     except ValueError as e:
         raise RlError(str(e)) from None
     data = data if data is not None else load_rl_data(settings)
-    output = Path(settings.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise RlError(f"-o {settings.output}: exists and is not a folder")
-    resume_from = last_checkpoint(output) if settings.resume else None
-    if not settings.resume and _has_checkpoints(output):
-        raise RlError(f"-o {settings.output}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                      "or choose another folder")
+    output, resume_from = check_output_folder(settings.output, settings.resume, error=RlError)
     vllm_mode = resolve_vllm_mode(settings.vllm, cpu=settings.cpu)
     if vllm_mode == "colocate":
         try:

@@ -367,6 +367,22 @@ def _quiet_libraries() -> None:
         pass
 
 
+def check_output_folder(output_arg: str, resume: bool, *, error: type[Exception] = SftError) -> tuple[Path, str | None]:
+    """(OUT, checkpoint to resume from) for sft, dpo and rl; `error` when OUT cannot be used.
+
+    A folder holding an earlier run's checkpoints needs --resume, so no run is overwritten by accident.
+    """
+    output = Path(output_arg).expanduser()
+    if output.exists() and not output.is_dir():
+        raise error(f"-o {output_arg}: exists and is not a folder")
+    if resume:
+        return output, last_checkpoint(output)
+    if _has_checkpoints(output):
+        raise error(f"-o {output_arg}: holds checkpoints of an earlier run; pass --resume to continue it, "
+                    "or choose another folder")
+    return output, None
+
+
 def load_training_tokenizer(model: str, shown: str, chat_template: str | None, *, need_masks: bool = True,
                             error: type[Exception] = SftError):
     """(tokenizer, TemplateFix) of a model to train: think-keeping template, a pad token.
@@ -400,15 +416,7 @@ def build_trainer(settings: SftSettings, data: SftData | None = None, *,
     settings.check()
     data = data if data is not None else load_sft_data(settings.data)
     model = check_model(settings.model)
-    output = Path(settings.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise SftError(f"-o {settings.output}: exists and is not a folder")
-    resume_from = None
-    if settings.resume:
-        resume_from = last_checkpoint(output)
-    elif _has_checkpoints(output):
-        raise SftError(f"-o {settings.output}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                       "or choose another folder")
+    output, resume_from = check_output_folder(settings.output, settings.resume)
     if data.path == "-" and world_size() > 1:
         raise SftError("DATA '-' (stdin) cannot be shared by several processes; pass a file")
 
