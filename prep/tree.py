@@ -3,7 +3,7 @@
 Everything here is a pure function of (frame count, frame times, options), so
 it is cheap to test exhaustively and every later step agrees on the same tree.
 
-Facts followed (LongVideo-R1, see DESIGN.md §2):
+Facts followed (LongVideo-R1, see docs/architecture.md §2.1):
 
 * width ``K = clamp(round((duration / segment_seconds) ** (1/3)), min_width, max_width)``;
 * three levels, ids are 1-based tuples ``(h,)``, ``(h, m)``, ``(h, m, l)``;

@@ -63,8 +63,8 @@ def model_flags(url: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def clip(media_files) -> Path:
-    return next(p for p in media_files if p.suffix == ".mp4")
+def clip(street_clip) -> Path:
+    return street_clip
 
 
 def test_scripted_navigation_end_to_end(clip, tmp_path):

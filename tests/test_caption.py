@@ -227,7 +227,7 @@ def test_subtitles_are_attached_to_the_first_frame_they_overlap():
 
 # -- in process: a tiny Qwen2.5-VL through the transformers backend ------------------
 
-def test_tiny_qwen_vl_captions_a_real_clip(media_files, tmp_path):
+def test_tiny_qwen_vl_captions_a_real_clip(street_clip, tmp_path):
     import asyncio
 
     from tiny_models import build_tiny_qwen_vl
@@ -237,7 +237,7 @@ def test_tiny_qwen_vl_captions_a_real_clip(media_files, tmp_path):
     from lvr.prep.frames import FrameStore
     from lvr.prep.models.transformers_backend import TransformersChat
 
-    clip = next(p for p in media_files if p.suffix == ".mp4")
+    clip = street_clip
     cache = tmp_path / "cache"
     proc = run_lvr("segment", clip, "--cache-dir", cache, "-q", "--low-frames", "3")
     assert proc.returncode == 0, proc.stderr

@@ -79,7 +79,9 @@ def check_frame_numbers(records: list[dict], store: FrameStore, rotate_back=None
 
 # -- correct trees ------------------------------------------------------------
 
-def test_shared_media_give_correct_trees(media_files, tmp_path, cache_dir):
+def test_sample_media_give_correct_trees(media_files, tmp_path, cache_dir):
+    import av
+
     out = tmp_path / "nodes.jsonl"
     proc = run_lvr("segment", *media_files, "-o", out, "--cache-dir", cache_dir)
     assert proc.returncode == 0, proc.stderr
@@ -88,8 +90,21 @@ def test_shared_media_give_correct_trees(media_files, tmp_path, cache_dir):
     store = FrameStore(cache_dir / "frames")
     for records in videos.values():
         check_tree(records, store)
-    # The AVI is among them and its first frame has pts 1: times still start at 0.
-    assert any(r["path"].endswith(".avi") for r in load(out))
+    first = {Path(r[0]["path"]).name: r[0] for r in videos.values()}
+    # The AVI's first decoded frame has a pts above 0: times still start at 0 (check_tree).
+    with av.open(str(next(p for p in media_files if p.suffix == ".avi"))) as container:
+        assert next(container.decode(video=0)).pts > 0
+    assert first["living_room_ntsc.mp4"]["video"]["fps"] == pytest.approx(30000 / 1001, abs=0.01)
+    assert first["tablet_224x224.mp4"]["video"]["has_audio"] is False
+    # The phone clip is stored landscape with a display matrix: records and frames are upright.
+    phone = first["phone_portrait.mp4"]
+    assert phone["video"]["rotation"] in (90, 270)
+    assert phone["video"]["width"] < phone["video"]["height"]
+    width, height = store.image(phone["frame_keys"][0]).size
+    assert width < height
+    # The MKV's embedded subtitle stream reaches the nodes it overlaps.
+    talk = videos[first["talk_subtitled.mkv"]["video_id"]]
+    assert {s["text"] for r in talk for s in r["subtitles"]} == {"The kettle is on.", "Tea will be ready soon."}
 
 
 def test_sampled_frames_are_the_right_pictures(numbered_video, tmp_path, cache_dir):

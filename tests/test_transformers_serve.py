@@ -181,16 +181,11 @@ def served_vl(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clip_nodes(tmp_path_factory):
-    """Node records of a short real clip (a synthetic one when there is no sample media):
-    K=2 (14 nodes), a few frames each."""
-    from conftest import MEDIA_DIR, make_frame_number_video
-
+def clip_nodes(tmp_path_factory, street_clip):
+    """Node records of the sample street clip: K=2 (14 nodes), a few frames each."""
     root = tmp_path_factory.mktemp("serve-clip")
-    clips = sorted(MEDIA_DIR.glob("*.mp4")) if MEDIA_DIR.is_dir() else []
-    clip = clips[0] if clips else make_frame_number_video(root / "numbered.mp4", width=320, fps=10, duration=8)
     cache, nodes = root / "cache", root / "nodes.jsonl"
-    proc = run_lvr("segment", clip, "-o", nodes, "--cache-dir", cache, "-q", "--min-width", "2", "--max-width", "2",
+    proc = run_lvr("segment", street_clip, "-o", nodes, "--cache-dir", cache, "-q", "--min-width", "2", "--max-width", "2",
                    "--high-frames", "4", "--medium-frames", "4", "--low-frames", "3")
     assert proc.returncode == 0, proc.stderr
     return nodes, cache

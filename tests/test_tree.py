@@ -34,7 +34,7 @@ def test_tree_width_options():
 
 def test_node_count():
     assert node_count(4) == 84
-    assert node_count(6) == 258  # the exhaustive-captioning count DESIGN.md cites
+    assert node_count(6) == 258  # the exhaustive-captioning count docs/architecture.md §2.1 gives
 
 
 # -- partition --------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The RL reward (DESIGN.md §2): pure functions of one finished trajectory.
+"""The RL reward (docs/architecture.md §2.8): pure functions of one finished trajectory.
 
     R = w_ans·answer + w_loc·F1 − w_rep·repeat  (+ w_cd·center_distance)
 
