@@ -78,6 +78,7 @@ def caption_command(
     """
     from ..prep.cache import resolve_cache_dir
     from ..prep.caption_step import CaptionStepOptions, run_caption_step
+    from ..prep.caption_store import CaptionStoreError
     from ..prep.captioning import CaptionError, CaptionOptions
     from ..prep.jsonl import RecordError
     from ..prep.models import ModelSpec
@@ -99,8 +100,8 @@ def caption_command(
     try:
         summary = run_caption_step(nodes, output, resolve_cache_dir(cache_dir), options,
                                    log=log, progress=not quiet)
-    except (ModelError, CaptionError, RecordError, ValueError) as e:
-        raise fail_usage(str(e))
+    except (ModelError, CaptionError, CaptionStoreError, RecordError, ValueError) as e:
+        raise fail_usage(str(e))  # a damaged store, a full disk, a locked output: one line
     if quiet:
         for err in summary.failed:
             say(f"lvr caption: error: {err}")

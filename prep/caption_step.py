@@ -16,12 +16,11 @@ from pathlib import Path
 from .. import __version__
 from .cache import frames_dir
 from .caption_store import CaptionStore
+from .caption_store import captions_path as caption_store_path  # the name other steps import
 from .captioning import WORD_LIMITS, CaptionOptions, Captioner, CaptionSummary, caption_nodes, load_system_prompt
 from .frames import FrameStore
 from .jsonl import JsonlWriter, RecordError, read_jsonl
 from .models import ModelSpec
-
-CAPTION_STORE_FILE = "captions.sqlite3"
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,6 @@ class CaptionStepOptions:
         return {"model": self.model.to_record(), "caption": asdict(self.caption),
                 "levels": list(self.levels),
                 "system_prompt_file": str(self.system_prompt_file) if self.system_prompt_file else None}
-
-
-def caption_store_path(cache_dir: Path) -> Path:
-    return cache_dir / CAPTION_STORE_FILE
 
 
 def _read_nodes(source: str, errors: list[str]) -> list[tuple[dict, str]]:

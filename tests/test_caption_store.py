@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import random
+import socket
 import sqlite3
 import threading
+import time
 import traceback
 from dataclasses import replace
 
@@ -188,3 +191,99 @@ def test_concurrent_processes(tmp_path):
         rows = sqlite3.connect(path).execute(
             "SELECT COUNT(DISTINCT digest), COUNT(*) FROM captions").fetchone()
         assert rows == (400, 400)
+
+
+# -- claims: one maker per caption across processes -------------------------------
+
+def put_claim(path, k: CaptionKey, owner: str, expires: float) -> None:
+    """A claim row as another process would leave it."""
+    con = sqlite3.connect(path)
+    con.execute("INSERT OR REPLACE INTO claims (digest, owner, expires) VALUES (?, ?, ?)",
+                (k.digest(), owner, expires))
+    con.commit()
+    con.close()
+
+
+def claims(path) -> list[tuple]:
+    return sqlite3.connect(path).execute("SELECT owner, expires FROM claims").fetchall()
+
+
+def test_a_claimant_waits_for_the_holder_and_gets_its_caption(store):
+    k = key(1)
+
+    async def scenario():
+        async with store.claim(k) as entry:
+            assert entry is None  # ours to make
+            waiter = asyncio.create_task(_claim_and_report(store, k))
+            await asyncio.sleep(0.3)
+            assert not waiter.done()  # held: the other claimant waits
+            store.put(k, (1,), "made once", {})
+        return await waiter
+
+    assert asyncio.run(scenario()) == "made once"
+    assert claims(store.path) == []  # released
+
+
+async def _claim_and_report(store, k):
+    async with store.claim(k) as entry:
+        return None if entry is None else entry.caption
+
+
+def test_a_failed_holder_lets_the_next_claimant_make_it(store):
+    k = key(2)
+
+    async def scenario():
+        waiter = None
+        with pytest.raises(RuntimeError):
+            async with store.claim(k):
+                waiter = asyncio.create_task(_claim_and_report(store, k))
+                await asyncio.sleep(0.1)
+                raise RuntimeError("the model failed")
+        return await waiter
+
+    assert asyncio.run(scenario()) is None  # nothing stored: the waiter now holds the claim
+
+
+def test_expired_and_orphaned_claims_are_taken_over(store):
+    dead = mp.get_context("spawn").Process(target=int)  # a process that has ended: its pid is free
+    dead.start()
+    dead.join()
+    put_claim(store.path, key(3), "elsewhere:123:abcd", time.time() - 1)                   # expired
+    put_claim(store.path, key(4), f"{socket.gethostname()}:{dead.pid}:abcd", time.time() + 3600)  # killed owner
+    put_claim(store.path, key(5), "elsewhere:123:abcd", time.time() + 3600)                # alive elsewhere
+    assert asyncio.run(_claim_and_report(store, key(3))) is None
+    assert asyncio.run(_claim_and_report(store, key(4))) is None
+
+    async def blocked():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(_claim_and_report(store, key(5)), 0.5)
+    asyncio.run(blocked())
+    assert claims(store.path) == [("elsewhere:123:abcd", pytest.approx(time.time() + 3600, abs=60))]
+
+
+def test_a_held_claim_is_renewed(store):
+    k = key(6)
+
+    async def scenario():
+        async with store.claim(k, ttl=0.6):
+            first = claims(store.path)[0][1]
+            await asyncio.sleep(1.5)  # longer than the ttl: only renewal keeps it alive
+            later = claims(store.path)[0][1]
+            assert later > time.time()  # still live: nobody else may take it over
+            return first, later
+
+    first, later = asyncio.run(scenario())
+    assert later > first
+
+
+def test_a_store_from_before_claims_gets_the_table(tmp_path):
+    path = tmp_path / "captions.sqlite3"
+    CaptionStore(path).close()
+    con = sqlite3.connect(path)
+    con.execute("DROP TABLE claims")
+    con.commit()
+    con.close()
+    with CaptionStore(path) as s:
+        s.put(key(1), (1,), "old store", {})
+        assert asyncio.run(_claim_and_report(s, key(1))) == "old store"
+        assert asyncio.run(_claim_and_report(s, key(2))) is None

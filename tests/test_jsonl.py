@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from lvr.prep.jsonl import JsonlWriter, RecordError, read_jsonl, write_atomic
+from lvr.prep.jsonl import JsonlWriter, OutputError, RecordError, read_jsonl, write_atomic
 from lvr.prep.segment import complete_videos_prefix
 
 
@@ -63,3 +67,98 @@ def test_write_atomic_leaves_no_temp_files(tmp_path):
     write_atomic(tmp_path / "x.json", b"{}")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert (tmp_path / "x.json").read_bytes() == b"{}"
+
+
+# -- a full disk, and outputs that stay empty ---------------------------------------
+
+def no_space(*_args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def full_disk_after(n_bytes: int):
+    """An os.write that writes n_bytes for real, then fails as a full disk does."""
+    real = os.write
+    left = [n_bytes]
+
+    def write(fd, data):
+        if left[0] <= 0:
+            no_space()
+        n = real(fd, bytes(data[: left[0]]))
+        left[0] -= n
+        return n
+    return write
+
+
+def test_failed_write_leaves_no_torn_unit(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    with JsonlWriter(path) as w:
+        w.write_unit([rec("a", i=0), rec("a", i=1)])
+        before = path.read_bytes()
+        monkeypatch.setattr(os, "write", full_disk_after(30))  # half a unit reaches the disk
+        with pytest.raises(OutputError) as err:
+            w.write_unit([rec("b", i=0), rec("b", i=1)])
+        monkeypatch.undo()
+        assert path.read_bytes() == before
+        w.write_unit([rec("c")])  # space again: appending goes on after the last whole unit
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: the disk is full") and "\n" not in msg
+    assert err.value.errno == errno.ENOSPC
+    assert isinstance(err.value, RecordError) and isinstance(err.value, OSError)  # caught by every step
+    assert [json.loads(x)["video_id"] for x in path.read_text().splitlines()] == ["a", "a", "c"]
+
+
+def test_failed_sync_leaves_no_unit(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    with JsonlWriter(path) as w:
+        w.write_unit([rec("a")])
+        monkeypatch.setattr(os, "fsync", no_space)
+        with pytest.raises(OutputError, match="disk is full"):
+            w.write_unit([rec("b")])
+    assert [json.loads(x)["video_id"] for x in path.read_text().splitlines()] == ["a"]
+
+
+def test_write_atomic_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    dest = tmp_path / "summary.json"
+    write_atomic(dest, '{"old": true}\n')
+    monkeypatch.setattr(os, "fsync", no_space)  # the data never reached the disk
+    with pytest.raises(OutputError) as err:
+        write_atomic(dest, '{"new": true}\n' * 1000)
+    monkeypatch.undo()
+    assert str(err.value).startswith(f"{dest}: the disk is full")
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+    assert dest.read_text() == '{"old": true}\n'
+
+
+def test_an_output_that_stays_empty_is_not_left_behind(tmp_path):
+    path = tmp_path / "sub" / "out.jsonl"
+    with JsonlWriter(path) as w:
+        assert path.exists()  # held (and locked) while open
+        with pytest.raises(RecordError, match="another lvr run"):
+            JsonlWriter(path)
+        w.write_unit([])
+    assert not path.exists()
+    # A file with whole units stays; one whose only content was torn is removed.
+    with JsonlWriter(path) as w:
+        w.write_unit([rec("a")])
+    with JsonlWriter(path) as w:
+        assert len(w.existing) == 1
+    assert path.exists()
+    path.write_text('{"video_id": "tor')
+    with JsonlWriter(path) as w:
+        assert w.existing == []
+    assert not path.exists()
+    if os.path.exists(os.devnull):  # never removes what is not a regular file
+        with JsonlWriter(os.devnull):
+            pass
+        assert os.path.exists(os.devnull)
+
+
+def test_segment_of_a_bad_video_leaves_no_output(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_text("not a video\n")
+    out = tmp_path / "nodes.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "lvr.cli", "segment", str(bad), "-o", str(out),
+                           "--cache-dir", str(tmp_path / "cache"), "-q"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "broken.mp4" in proc.stderr
+    assert not out.exists()
