@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from ..prep.models.base import ChatModel, GenerationOptions, Message, ModelError
+from ..prep.progress import shorten
 from ..prep.tree import node_count
 from .environment import EnvError, RoleUsage, VideoEnv
 from .protocol import (LAST_ROUND_NOTICE, STOP_STRINGS, Breach, ParsedTurn, complete_stopped_turn,
@@ -62,6 +63,7 @@ class Hint:
 
 
 Review = Callable[["AgentResult", "Turn"], Awaitable[Verdict]]
+OnTurn = Callable[["Turn"], None]
 
 
 def hint_suffix(text: str) -> str:
@@ -92,6 +94,28 @@ class Turn:
                        "answer": p.answer, "error": self.breach},
             "result": self.result, "seconds": round(self.seconds, 3), "dropped": self.dropped,
         }
+
+    def action(self) -> str:
+        """What the model did, in a few words: the call, the answer, or the rule it broke."""
+        p = self.parsed
+        if p.answer is not None:
+            return f"answer {shorten(p.answer, 60)}" + (" (rejected)" if self.dropped else "")
+        if p.call is not None:
+            return p.call.render()
+        return f"invalid ({self.breach})"
+
+    def outcome(self) -> str:
+        """What came of it, in a few words: the size of the tool result, or the breach."""
+        if self.parsed.call is None:
+            return ""
+        if self.breach:
+            return f"invalid ({self.breach})"
+        return f"{len(self.result.split())} words" if self.result is not None else "failed"
+
+    def summary(self) -> str:
+        """One progress line: `get_caption((2, 1)) -> 412 words, 4.1 s`."""
+        outcome = self.outcome()
+        return f"{self.action()}{f' -> {outcome}' if outcome else ''}, {self.seconds:.1f} s"
 
 
 @dataclass
@@ -134,13 +158,14 @@ class AgentResult:
 
 async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tuple[str, ...] | list[str] = (),
                     *, template: str, agent: AgentOptions = AgentOptions(),
-                    review: Review | None = None) -> AgentResult:
+                    review: Review | None = None, on_turn: OnTurn | None = None) -> AgentResult:
     """Navigate until the model answers, runs out of rounds, or keeps breaking the rules.
 
     Model and tool failures end the run with `stopped="error"` and a one-line
     `error`; everything up to then stays in the result. With `review`, an
     answer it rejects is dropped from the conversation and its hint appended
     to the last user message, and the loop goes on (teacher synthesis).
+    `on_turn(turn)` is called as each turn ends, with its result (progress).
     """
     started = time.perf_counter()
     options = tuple(options)
@@ -192,6 +217,8 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
                     messages[index] = {**messages[index],
                                        "content": messages[index]["content"] + hint_suffix(verdict.hint)}
                     turn.seconds = time.perf_counter() - turn_started
+                    if on_turn is not None:
+                        on_turn(turn)
                     continue
         elif last:
             turn.breach = turn.breach or Breach.TOOL_ON_LAST_ROUND
@@ -206,6 +233,8 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
         else:
             turn.result = parsed.message
         turn.seconds = time.perf_counter() - turn_started
+        if on_turn is not None:
+            on_turn(turn)
         if result.stopped in (Stop.ANSWERED, Stop.ERROR, Stop.GAVE_UP) or last:
             break
         invalid_in_a_row = invalid_in_a_row + 1 if turn.breach else 0

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 from ..prep.jsonl import dumps, write_atomic
+from ..prep.progress import Reporter
 from .navigator import Asked, Navigator, NavigatorOptions, build_trace
+from .progress import AskProgress
 
 ANSWER_SCHEMA = "lvr.answer/1"
 
@@ -34,19 +36,24 @@ def write_trace_files(trace: dict, navigator: Navigator, trace_path: "str | os.P
 
 
 def ask_video(video: "str | os.PathLike", question: str, options: tuple[str, ...], nav: NavigatorOptions,
-              cache_dir: Path, *, subtitles: bool = True, trace_path=None, html_path=None) -> tuple[Asked, dict]:
+              cache_dir: Path, *, subtitles: bool = True, trace_path=None, html_path=None,
+              reporter: Reporter | None = None) -> tuple[Asked, dict]:
     """Segment (cached), navigate, answer; write the trace files asked for.
 
+    `reporter` shows the segmenting and each round as they happen (nothing without one).
     Raises ModelError when an endpoint cannot be reached at all; every other
     failure is reported in the returned result's `error`.
     """
+    progress = AskProgress(reporter or Reporter("lvr ask", enabled=False), video)
 
     async def go() -> tuple[Asked, dict]:
         navigator = Navigator(nav, cache_dir)
         try:
             await navigator.preflight()
-            asked = await navigator.ask(video, question, options, subtitles=subtitles)
+            asked = await navigator.ask(video, question, options, subtitles=subtitles,
+                                        callbacks=progress.callbacks)
         finally:
+            progress.close()
             await navigator.aclose()
         trace = build_trace(asked)
         write_trace_files(trace, navigator, trace_path, html_path)

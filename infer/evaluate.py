@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..prep.jsonl import JsonlWriter, dumps, write_atomic
+from ..prep.progress import Reporter, shorten
 from .benchmarks import EvalFormatError, EvalItem, load_eval_items, resolve_item_video
 from .navigator import Asked, Navigator, NavigatorOptions, build_trace
+from .progress import BatchProgress, time_spent
 from .protocol import answer_matches
 
 EVAL_SCHEMA = "lvr.eval/1"
@@ -92,6 +94,7 @@ def summarize(records: list[dict], settings: dict | None = None) -> dict:
         "mean_video_qa_calls": mean(a.get("video_qa_calls", 0) for a in acc),
         "tokens": dict(tokens),
         "mean_seconds": mean(a.get("seconds", 0.0) for a in acc),
+        "segment_seconds": round(sum(a.get("segment_seconds", 0.0) for a in acc), 3),
         "settings": settings,
     }
 
@@ -106,8 +109,10 @@ def _count(values) -> dict:
 def run_eval(questions: str, output: "str | os.PathLike | None", nav: NavigatorOptions, cache_dir: Path,
              options: EvalOptions = EvalOptions(), *, summary_path: "str | os.PathLike | None" = None,
              traces_path: "str | os.PathLike | None" = None, log=lambda msg: None,
-             progress: bool = True) -> EvalSummary:
+             reporter: Reporter | None = None) -> EvalSummary:
     """Answer every question not yet in `output`; return the summary of the whole output file.
+
+    `reporter` shows a bar (or a line per question off a terminal); nothing without one.
 
     Raises EvalFormatError when the questions file cannot be read at all and
     ModelError when an endpoint cannot be reached.
@@ -130,7 +135,7 @@ def run_eval(questions: str, output: "str | os.PathLike | None", nav: NavigatorO
         traces = JsonlWriter(traces_path) if traces_path is not None else None
         try:
             records = asyncio.run(_answer_all(todo, writer, traces, nav, cache_dir, video_dir, options,
-                                              summary, log, progress))
+                                              summary, log, reporter or Reporter("lvr eval", enabled=False)))
         finally:
             if traces is not None:
                 traces.close()
@@ -145,13 +150,10 @@ def run_eval(questions: str, output: "str | os.PathLike | None", nav: NavigatorO
 
 async def _answer_all(items: list[EvalItem], writer: JsonlWriter, traces: JsonlWriter | None,
                       nav: NavigatorOptions, cache_dir: Path, video_dir: Path, options: EvalOptions,
-                      summary: EvalSummary, log, progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
+                      summary: EvalSummary, log, reporter: Reporter) -> list[dict]:
     records: list[dict] = []
     navigator = Navigator(nav, cache_dir)
-    bar = tqdm(total=len(items), unit="question", desc="eval", disable=None if progress else True,
-               dynamic_ncols=True)
+    progress = BatchProgress(reporter, "eval", len(items), "question")
     queue: asyncio.Queue = asyncio.Queue()
     for item in items:
         queue.put_nowait(item)
@@ -162,11 +164,15 @@ async def _answer_all(items: list[EvalItem], writer: JsonlWriter, traces: JsonlW
         except (EvalFormatError, OSError) as e:
             summary.failed.append(f"{item.qid}: {e}")
             log(f"error: {item.qid}: {e}")
+            progress.item_ended(None)
             return
-        asked = await navigator.ask(video, item.question, item.options, subtitles=item.subtitles)
+        question = progress.question(video)
+        asked = await navigator.ask(video, item.question, item.options, subtitles=item.subtitles,
+                                    callbacks=question.callbacks)
         if asked.env is None or asked.result.stopped == "error":
             summary.failed.append(f"{item.qid}: {asked.error}")
             log(f"error: {item.qid}: {asked.error}")
+            progress.item_ended(question)
             return
         correct = is_correct(item, asked)
         trace = build_trace(asked, correct_answer=item.answer, correct=correct, extra={"qid": item.qid})
@@ -177,7 +183,8 @@ async def _answer_all(items: list[EvalItem], writer: JsonlWriter, traces: JsonlW
         records.append(record)
         summary.done += 1
         right = sum(1 for r in records if r["correct"])
-        bar.set_postfix(acc=f"{right}/{len(records)}", refresh=False)
+        progress.item_ended(question, f"{item.qid}: {item_line(asked, correct, trace['accounting'])}; "
+                                      f"accuracy {right}/{len(records)}", acc=f"{right}/{len(records)}")
 
     async def worker() -> None:
         while True:
@@ -185,16 +192,22 @@ async def _answer_all(items: list[EvalItem], writer: JsonlWriter, traces: JsonlW
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            try:
-                await one(item)
-            finally:
-                bar.update(1)
+            await one(item)
 
     try:
         if items:
             await navigator.preflight()
         await asyncio.gather(*(worker() for _ in range(max(1, min(options.concurrency, len(items) or 1)))))
     finally:
-        bar.close()
+        progress.close()
         await navigator.aclose()
     return records
+
+
+def item_line(asked: Asked, correct: bool, accounting: dict) -> str:
+    """How one question went, for its progress line."""
+    result = asked.result
+    said = result.choice or shorten(result.answer or "no answer", 40)
+    calls = accounting["caption_calls"]
+    return (f"{'right' if correct else 'wrong'} ({said}), {accounting['rounds']} rounds, "
+            f"{calls['total']} captions ({calls['made']} new), {time_spent(accounting)}")

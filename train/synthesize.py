@@ -19,9 +19,11 @@ from ..infer.agent import AgentResult, Turn, Verdict
 from ..infer.benchmarks import EvalFormatError, resolve_video
 from ..infer.environment import VideoEnv
 from ..infer.navigator import Asked, Navigator, NavigatorOptions
+from ..infer.progress import BatchProgress, time_spent
 from ..infer.protocol import answer_matches
 from ..prep.jsonl import JsonlWriter
 from ..prep.models.base import Usage
+from ..prep.progress import Reporter
 from .hints import CLUE_GAP_S, MAX_HINTS, hint_for, merge_intervals
 from .lint import TRAJECTORY_SCHEMA
 from .qa_items import QAItem, load_qa_items
@@ -92,7 +94,7 @@ def trajectory_record(item: QAItem, asked: Asked, clues, options: SynthesizeOpti
         "visits": [v.to_record() for v in env.visits],
         "teacher": result.reasoning.model, "prompt_hash": asked.settings["prompt_hash"],
         "tokens": usage.to_record(), "cost_usd": cost_usd(usage, options),
-        "accounting": result.accounting(env), "settings": asked.settings,
+        "accounting": asked.accounting(), "settings": asked.settings,
     }
 
 
@@ -118,8 +120,10 @@ def load_items(qa_path: str, options: SynthesizeOptions) -> tuple[list[QAItem], 
 
 def run_synthesize(qa_path: str, output: "str | os.PathLike | None", nav: NavigatorOptions, cache_dir: Path,
                    options: SynthesizeOptions = SynthesizeOptions(), *, log=lambda msg: None,
-                   progress: bool = True) -> SynthesizeSummary:
+                   reporter: Reporter | None = None) -> SynthesizeSummary:
     """Write a trajectory for every item not yet in `output`.
+
+    `reporter` shows a bar (or a line per item off a terminal); nothing without one.
 
     Raises EvalFormatError-like errors when the QA file cannot be read at all,
     and ModelError when an endpoint cannot be reached.
@@ -136,19 +140,17 @@ def run_synthesize(qa_path: str, output: "str | os.PathLike | None", nav: Naviga
         summary.skipped = len(items) - len(todo)
         if summary.skipped:
             log(f"skip: {summary.skipped} items already in the output")
-        asyncio.run(_synthesize_all(todo, writer, nav, cache_dir, video_dir, options, summary, log, progress))
+        asyncio.run(_synthesize_all(todo, writer, nav, cache_dir, video_dir, options, summary, log,
+                                    reporter or Reporter("lvr synthesize", enabled=False)))
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
 async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: NavigatorOptions, cache_dir: Path,
                           video_dir: Path, options: SynthesizeOptions, summary: SynthesizeSummary, log,
-                          progress: bool) -> None:
-    from tqdm.auto import tqdm
-
+                          reporter: Reporter) -> None:
     navigator = Navigator(nav, cache_dir)
-    bar = tqdm(total=len(items), unit="item", desc="synthesize", disable=None if progress else True,
-               dynamic_ncols=True)
+    progress = BatchProgress(reporter, "synthesize", len(items), "item")
     queue: asyncio.Queue = asyncio.Queue()
     for item in items:
         queue.put_nowait(item)
@@ -162,21 +164,25 @@ async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: Navigat
         except (EvalFormatError, OSError) as e:
             summary.failed.append(f"{item.qid}: {e}")
             log(f"error: {item.qid}: {e}")
+            progress.item_ended(None)
             return
         clues = merge_intervals(item.clues, options.clue_gap_s)
+        question = progress.question(video)
         asked = await navigator.ask(video, item.question, item.options, subtitles=options.subtitles,
-                                    make_review=make_reviewer(item, clues))
+                                    make_review=make_reviewer(item, clues), callbacks=question.callbacks)
         summary.teacher.add(asked.result.reasoning.usage)
         if asked.env is None or asked.result.stopped == "error":
             summary.failed.append(f"{item.qid}: {asked.error}")
             log(f"error: {item.qid}: {asked.error}")
+            progress.item_ended(question)
             return
         record = trajectory_record(item, asked, clues, options)
         writer.write_unit([record])
         summary.written += 1
         summary.accepted += bool(record["accepted"])
-        bar.set_postfix(accept=f"{summary.accepted}/{summary.written}", tokens=summary.teacher.total_tokens,
-                        refresh=False)
+        progress.item_ended(question, f"{item.qid}: {item_line(record)}; accepted {summary.accepted}/"
+                                      f"{summary.written}, teacher tokens {summary.teacher.total_tokens}",
+                            accept=f"{summary.accepted}/{summary.written}", tokens=summary.teacher.total_tokens)
 
     async def worker() -> None:
         while True:
@@ -187,10 +193,7 @@ async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: Navigat
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            try:
-                await one(item)
-            finally:
-                bar.update(1)
+            await one(item)
 
     try:
         if items:
@@ -198,8 +201,17 @@ async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: Navigat
         await asyncio.gather(*(worker() for _ in range(max(1, min(options.concurrency, len(items) or 1)))))
     finally:
         summary.not_started = queue.qsize()
-        bar.close()
+        progress.close()
         await navigator.aclose()
+
+
+def item_line(record: dict) -> str:
+    """How one item went, for its progress line."""
+    acc, tokens = record["accounting"], record["tokens"]
+    hints = len(record["hints"])
+    return (f"{'accepted' if record['accepted'] else 'not accepted'} ({record['stopped']}) after "
+            f"{hints} hint{'' if hints == 1 else 's'}, {acc['rounds']} rounds, "
+            f"{tokens['prompt_tokens'] + tokens['completion_tokens']} teacher tokens, {time_spent(acc)}")
 
 
 # -- dry run ------------------------------------------------------------------------
