@@ -1,6 +1,6 @@
 """`python -m lvr.cli` runs the `lvr` command."""
 
-from .main import app
+from .main import run
 
 if __name__ == "__main__":
-    app(prog_name="lvr")
+    run()

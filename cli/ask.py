@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from .common import EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, QuietOption, fail_usage, say
+from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, QuietOption, fail_usage, naming, say,
+                     say_error, tokens_phrase)
 from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
                             CaptionBaseUrlOption, CaptionModelOption, CaptionPromptOption, ConcurrencyOption,
                             DeviceOption, MaxInvalidOption, MaxRetriesOption, MaxRoundsOption, MaxTokensOption,
@@ -49,6 +50,8 @@ def ask_command(
     caption_max_tokens: Optional[int] = CaptionMaxTokensOption,
     caption_temperature: float = CaptionTemperatureOption, qa_max_tokens: int = QaMaxTokensOption,
     quiet: bool = QuietOption,
+    verbose: bool = typer.Option(False, "-v", "--verbose",
+                                 help="Show each round on stderr as it ends: the think text, the call, the result."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Answer a question about a local video by navigating its caption tree.
@@ -60,7 +63,8 @@ def ask_command(
     captions are kept in the shared store, so later questions reuse them.
 
     The answer goes to stdout; a summary (rounds, captions made and reused,
-    tokens) goes to stderr.
+    tokens, time) goes to stderr. While it works, stderr shows progress: bars
+    on a terminal, else one timestamped line per round (nohup, SLURM, CI).
 
     Exit status: 0 answered, 1 no answer (rounds ran out, or a model failed), 2 usage error.
 
@@ -75,40 +79,43 @@ def ask_command(
       lvr ask movie.mp4 "Where is the cat at the end?" --config models.yaml --max-rounds 15
     """
     from ..infer.ask import answer_record, ask_video
+    from ..infer.progress import time_spent
     from ..infer.protocol import normalise_options
     from ..prep.cache import resolve_cache_dir
     from ..prep.jsonl import dumps, write_atomic
     from ..prep.models.base import ModelError
+    from ..prep.progress import Reporter
 
     if not question.strip():
         raise fail_usage("the question is empty")
+    if quiet and verbose:
+        raise fail_usage("--quiet and --verbose cannot be used together")
     try:
         nav = navigator_options_from(locals())
         options = normalise_options(option)
         asked, trace = ask_video(video, question, options, nav, resolve_cache_dir(cache_dir),
-                                 subtitles=not no_subtitles, trace_path=trace, html_path=html)
+                                 subtitles=not no_subtitles, trace_path=trace, html_path=html,
+                                 reporter=Reporter("lvr ask", enabled=not quiet, verbose=verbose))
+        if output is not None:
+            write_atomic(output, dumps(answer_record(asked, trace)) + "\n")
     except (ModelError, ValueError, OSError) as e:
         raise fail_usage(str(e))
     result = asked.result
-    if output is not None:
-        write_atomic(output, dumps(answer_record(asked, trace)) + "\n")
     acc = trace["accounting"]
     if result.answer is not None:
         chosen = next((o for o in options if result.choice and o.startswith(f"{result.choice}.")), None)
         typer.echo(chosen or result.answer)
     if not quiet and acc:
         calls = acc["caption_calls"]
-        models = acc["models"]
-        say(f"lvr ask: {acc['rounds']} rounds ({acc['invalid_turns']} invalid), "
+        say(f"lvr ask: {acc['rounds']} rounds ({acc['invalid_turns']} invalid) with "
             f"{acc['get_caption_calls']} get_caption and {acc['video_qa_calls']} video_qa calls; "
-            f"captions: {calls['made']} made, {calls['cached']} from the store "
-            f"(exhaustive: {acc['exhaustive_captions']}); tokens: "
-            + ", ".join(f"{role} {m['prompt_tokens']}+{m['completion_tokens']}" for role, m in models.items())
-            + f"; {acc['seconds']:.1f} s")
+            f"captions: {calls['made']} made, {calls['cached']} from the store (a full captioning would need "
+            f"{acc['exhaustive_captions']}); {tokens_phrase(acc['models'])}; "
+            f"{time_spent(acc)}.")
     if result.answer is None:
         reason = result.error or {"max_rounds": f"no answer within {max_rounds} rounds",
                                   "invalid": f"more than {max_invalid} invalid turns in a row"}.get(
             result.stopped, result.stopped)
-        say(f"lvr ask: error: {video}: {reason}")
+        say_error(naming(video, reason))
         raise typer.Exit(EXIT_SOME_FAILED)
     raise typer.Exit(EXIT_OK)

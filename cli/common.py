@@ -1,19 +1,27 @@
 """What every subcommand shares: config files, common options, exit codes.
 
-`--config FILE` (YAML or TOML) is loaded before any other option and fills
-the command's default map, so a config file can set any option and a flag given on
-the command line still wins. Keys may be written with dashes or underscores,
-at the top level (shared by all subcommands; keys a subcommand lacks are
-ignored) or in a table named after the subcommand (checked strictly).
+The user config ($XDG_CONFIG_HOME/lvr/config.toml) and then `--config FILE`
+(YAML or TOML) are loaded before any other option and fill the command's
+default map, so a config file can set any option and a flag given on the
+command line still wins. Keys may be written with dashes or underscores, at
+the top level (shared by all subcommands: a key no command has is an error, a
+key this command lacks is ignored) or in a table named after the subcommand
+(checked strictly). Unknown keys name their closest valid key.
+
+Every message for the user is one line on stderr; errors read
+`lvr <command>: error: <what>: <why>` (see `error_line`).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from typer._click import Command
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -53,38 +61,81 @@ def _norm(key: str) -> str:
     return str(key).strip().lstrip("-").replace("-", "_")
 
 
-def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
-    """Eager callback of --config: turn the file into defaults for this command."""
-    if value is None:
-        return value
-    data = _read_config(Path(value))
-    command = ctx.command
-    names = {p.name for p in command.params if p.name and p.name != "config"}
+def user_config_path() -> Path:
+    """The per-user config every command reads first: $XDG_CONFIG_HOME/lvr/config.toml."""
+    import os
+
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "lvr" / "config.toml"
+
+
+def _option_names_of_every_command() -> set[str]:
+    import inspect
+
+    from .main import COMMANDS  # the registry; imported late because main imports this module
+
+    return {name for func in COMMANDS.values() for name in inspect.signature(func).parameters}
+
+
+def _unknown_key(key: str, known: Iterable[str], where: str) -> "typer.BadParameter":
+    import difflib
+
+    close = difflib.get_close_matches(_norm(key), sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return typer.BadParameter(f"{where}: unknown option {key!r}{hint}", param_hint="--config")
+
+
+def config_defaults(command: "Command", name: str, data: dict, source: Path) -> dict[str, Any]:
+    """One config file's values for one command, checked strictly.
+
+    Top-level keys apply to every command that has the option (and must be an
+    option of some command); a table named after the command applies to it alone.
+    A single value for a repeatable option (a URL as a string) becomes a list.
+    """
+    params = {p.name: p for p in command.params if p.name and p.name != "config"}
+    everywhere = _option_names_of_every_command()
     defaults: dict[str, Any] = {}
     for key, val in data.items():
         k = _norm(key)
-        if k in COMMAND_NAMES or isinstance(val, dict):
+        if k in COMMAND_NAMES:
+            if not isinstance(val, dict):
+                raise typer.BadParameter(f"{source}: [{k}] must be a table of options", param_hint="--config")
             continue
-        if k in names:
+        if k not in everywhere:
+            raise _unknown_key(key, everywhere | set(COMMAND_NAMES), str(source))
+        if k in params:
             defaults[k] = val
-    section = data.get(command.name) or data.get(ctx.info_name) or {}
+    section = data.get(name) or {}
     if not isinstance(section, dict):
-        raise typer.BadParameter(f"{value}: [{command.name}] must be a table of options",
-                                 param_hint="--config")
+        raise typer.BadParameter(f"{source}: [{name}] must be a table of options", param_hint="--config")
     for key, val in section.items():
         k = _norm(key)
-        if k not in names:
-            raise typer.BadParameter(f"{value}: unknown option {key!r} for `lvr {command.name}`",
-                                     param_hint="--config")
+        if k not in params:
+            raise _unknown_key(key, params, f"{source}: [{name}]")
         defaults[k] = val
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    for k, val in defaults.items():
+        if getattr(params[k], "multiple", False) and isinstance(val, str):
+            defaults[k] = [val]
+    return defaults
+
+
+def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """Eager callback of --config: the user config, then --config FILE, become this command's defaults."""
+    name = ctx.command.name or ctx.info_name
+    defaults: dict[str, Any] = {}
+    user = user_config_path()
+    for path in ([user] if user.is_file() else []) + ([Path(value)] if value is not None else []):
+        defaults.update(config_defaults(ctx.command, name, _read_config(path), path))
+    if defaults:
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
 
 ConfigOption = typer.Option(
     None, "--config", metavar="FILE", is_eager=True, callback=load_config,
     exists=False, dir_okay=False,
-    help="YAML or TOML file setting any option (flags override it).",
+    help="YAML or TOML file setting any option (flags override it); read after "
+         "$XDG_CONFIG_HOME/lvr/config.toml. Examples: configs/*.yaml.",
 )
 
 OutputOption = typer.Option(
@@ -105,6 +156,35 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def command_path() -> str:
+    """'lvr ask' for the running subcommand ('lvr' outside one)."""
+    from typer._click.globals import get_current_context  # typer vendors click
+
+    ctx = get_current_context(silent=True)
+    return f"lvr {ctx.info_name}" if ctx is not None and ctx.parent is not None else "lvr"
+
+
+def error_line(message: str) -> str:
+    """The one shape of an error message: `lvr ask: error: movie.mp4: no such file`."""
+    return f"{command_path()}: error: {message}"
+
+
+def say_error(message: str) -> None:
+    say(error_line(message))
+
+
+def naming(path: "str | Path", message: str) -> str:
+    """`path: message`, unless the message already starts by naming the path (say it once)."""
+    return message if message.startswith(str(path)) else f"{path}: {message}"
+
+
+def tokens_phrase(models: dict) -> str:
+    """`reasoning 1242 + 4 tokens, caption 1928 + 8 tokens` from accounting's per-role usage."""
+    used = [f"{role} {m['prompt_tokens']} + {m['completion_tokens']}" for role, m in models.items()
+            if m.get("prompt_tokens") or m.get("completion_tokens")]
+    return (", ".join(used) + " tokens (prompt + completion)") if used else "no tokens"
+
+
 def fail_usage(message: str) -> "typer.Exit":
-    say(f"Error: {message}")
+    say_error(message)
     return typer.Exit(EXIT_USAGE)

@@ -11,7 +11,7 @@ from .common import EXIT_OK, EXIT_SOME_FAILED, ConfigOption, fail_usage
 
 MODEL_PANEL = "Main model"
 CAPTION_PANEL = "Captioning model (default: the main model)"
-QA_PANEL = "video_qa model (default: the main model)"
+QA_PANEL = "video_qa model (default: the captioning model)"
 
 
 def _role_options(prefix: str, panel: str, what: str):
@@ -65,8 +65,9 @@ def doctor_command(
     --limit-mm-per-prompt allows). In-process models (transformers, vllm)
     are checked without loading weights: config, files, and device.
 
-    The caption and video_qa roles fall back to the main backend, model,
-    endpoint and key; a role is checked when any of its options is given,
+    The caption role falls back to the main backend, model, endpoint and
+    key, and the video_qa role to the caption role's, exactly as in `lvr ask`;
+    a role is checked when any of its options is given,
     and roles that resolve to the same model and endpoint are checked once.
 
     Prints one line per check (ok, FAIL with a fix: line, or skip).
@@ -83,7 +84,7 @@ def doctor_command(
       lvr doctor --config run.yaml
     """
     from ..prep.doctor import run_doctor
-    from ..prep.models import BACKENDS, ModelSpec
+    from ..prep.models import BACKENDS, ModelSpec, resolve_roles
 
     for flag, value in (("--backend", backend), ("--caption-backend", caption_backend),
                         ("--qa-backend", qa_backend)):
@@ -91,17 +92,14 @@ def doctor_command(
             raise fail_usage(f"{flag} takes {', '.join(BACKENDS)}, not {value!r}")
 
     common = dict(api_key=api_key, timeout_s=timeout, max_retries=1, device=device, concurrency=1)
-    roles: dict[str, ModelSpec] = {}
-    if model or base_url:
-        roles["main"] = ModelSpec(backend=backend, model=model, base_urls=tuple(base_url), **common)
-    for role, (r_backend, r_model, r_urls) in {"caption": (caption_backend, caption_model, caption_base_url),
-                                               "qa": (qa_backend, qa_model, qa_base_url)}.items():
-        if not (r_backend or r_model or r_urls):
-            continue
-        # A role's own URL with no backend of its own means an endpoint, whatever the main backend is.
-        chosen = r_backend or ("auto" if r_urls else backend)
-        roles[role] = ModelSpec(backend=chosen, model=r_model or model,
-                                base_urls=tuple(r_urls or base_url), **common)
+    # The same fallback chain as ask, eval and synthesize: caption <- main, qa <- caption.
+    resolved = resolve_roles(ModelSpec(backend=backend, model=model, base_urls=tuple(base_url), **common),
+                             (caption_backend, caption_model, tuple(caption_base_url), None),
+                             (qa_backend, qa_model, tuple(qa_base_url), None))
+    given = {"main": bool(model or base_url),
+             "caption": bool(caption_backend or caption_model or caption_base_url),
+             "qa": bool(qa_backend or qa_model or qa_base_url)}
+    roles: dict[str, ModelSpec] = {role: spec for role, (_, spec) in zip(given, resolved.items()) if given[role]}
     vision_roles = [r for r in roles if r != "main" or not text_only]
 
     def show(check) -> None:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, OutputOption, QuietOption, fail_usage,
-                     say)
+                     say, say_error, tokens_phrase)
 from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
                             CaptionBaseUrlOption, CaptionMaxTokensOption, CaptionModelOption, CaptionPromptOption,
                             CaptionSideOption, CaptionTemperatureOption, ConcurrencyOption, DeviceOption,
@@ -87,32 +87,35 @@ def eval_command(
     from ..infer.evaluate import EvalOptions, run_eval
     from ..prep.cache import resolve_cache_dir
     from ..prep.models.base import ModelError
+    from ..prep.progress import Reporter
 
     if fmt not in EVAL_FORMATS:
         raise fail_usage(f"--format takes {', '.join(EVAL_FORMATS)}, not {fmt!r}")
     if videomme_duration not in ("short", "medium", "long", "all"):
         raise fail_usage(f"--videomme-duration takes short, medium, long or all, not {videomme_duration!r}")
-    log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr eval: {msg}"))
+    reporter = Reporter("lvr eval", enabled=not quiet)
     try:
         nav = navigator_options_from(locals())
         options = EvalOptions(format=fmt, subtitles=subtitles,
                               videomme_duration=None if videomme_duration == "all" else videomme_duration,
                               video_dir=video_dir, concurrency=question_concurrency, max_questions=max_questions)
         result = run_eval(questions, output, nav, resolve_cache_dir(cache_dir), options, summary_path=summary,
-                          traces_path=traces, log=log, progress=not quiet)
+                          traces_path=traces, log=reporter.line, reporter=reporter)
     except (ModelError, EvalFormatError, ValueError, OSError) as e:
         raise fail_usage(str(e))
     if quiet:
         for err in result.load_errors + result.failed:
-            say(f"lvr eval: error: {err}")
+            say_error(err)
     r = result.report
-    models = r["tokens"]
-    say(f"lvr eval: {result.done} answered now, {result.skipped} already done, {len(result.failed)} failed, "
-        f"{len(result.load_errors)} bad records; accuracy {r['correct']}/{r['questions']} = {r['accuracy']:.1%}; "
-        f"mean {r['mean_rounds']:.1f} rounds, {r['mean_caption_calls']:.1f} caption calls per question "
-        f"(exhaustive: {r['mean_exhaustive_captions']:.0f}); tokens: "
-        + ", ".join(f"{role} {m['prompt_tokens']}+{m['completion_tokens']}" for role, m in models.items())
-        + f"; {result.seconds:.1f} s")
+    counts = (f"{result.done} questions answered now, {result.skipped} already done, {len(result.failed)} failed, "
+              f"{len(result.load_errors)} bad records")
+    if not r["questions"]:
+        say(f"lvr eval: {counts}; nothing to score ({result.seconds:.1f} s).")
+    else:
+        say(f"lvr eval: {counts}. Accuracy {r['correct']}/{r['questions']} = {r['accuracy']:.1%}; "
+            f"{r['mean_rounds']:.1f} rounds and {r['mean_caption_calls']:.1f} caption calls per question "
+            f"(a full captioning would need {r['mean_exhaustive_captions']:.0f}); {tokens_phrase(r['tokens'])}; "
+            f"{r['segment_seconds']:.1f} s segmenting; {result.seconds:.1f} s in all.")
     for category, c in r["per_category"].items():
         say(f"lvr eval:   {category}: {c['accuracy']:.1%} of {c['questions']}")
     raise typer.Exit(EXIT_SOME_FAILED if (result.failed or result.load_errors) else EXIT_OK)

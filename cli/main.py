@@ -21,7 +21,7 @@ app = typer.Typer(
         "  lvr segment movie.mp4 -o nodes.jsonl\n\n"
         "  lvr segment videos/ '*.mkv' --qa-frames -o nodes.jsonl\n\n"
         "  lvr caption nodes.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct -o captions.jsonl\n\n"
-        "  lvr ask movie.mp4 \"Who opens the door?\" --config models.yaml --html trace.html\n\n"
+        "  lvr ask movie.mp4 \"Who opens the door?\" --config configs/vllm.yaml --html trace.html\n\n"
         "  lvr synthesize qa.jsonl --teacher-model gpt-5 --base-url https://api.openai.com/v1 -o trajectories.jsonl\n\n"
         "  lvr doctor --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct\n\n"
         "  lvr segment --help"
@@ -47,6 +47,31 @@ COMMANDS = {
 }
 for _name, _func in COMMANDS.items():
     app.command(_name)(_func)
+
+
+def run(args: list[str] | None = None) -> None:
+    """The `lvr` entry point: usage errors become one line (`lvr ask: error: ...`), exit status 2."""
+    import sys
+
+    from typer._click import exceptions as click_errors  # typer vendors click
+
+    try:
+        code = app(args, prog_name="lvr", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx is not None else "lvr --help")
+        sys.exit(0)
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "lvr"
+        message = " ".join(e.format_message().split())
+        print(f"{where}: error: {message} (see {where} --help)", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except click_errors.ClickException as e:
+        print(f"lvr: error: {' '.join(e.format_message().split())}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except click_errors.Abort:
+        print("lvr: aborted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _version(value: bool) -> None:

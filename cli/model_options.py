@@ -1,4 +1,4 @@
-"""Model-role options shared by `ask`, `eval` and later steps (DESIGN.md §5).
+"""Model-role options shared by `ask`, `eval` and later steps (docs/architecture.md §5).
 
 `--backend/--model/--base-url` pick the step's main model; the `--caption-*`
 and `--qa-*` options pick the captioner and the video_qa model, each field
@@ -105,19 +105,19 @@ def navigator_options(*, backend, model, base_url, api_key, caption_backend, cap
                       caption_max_tokens=None, caption_temperature=0.0, qa_max_tokens=512):
     """The flags above -> NavigatorOptions (ValueError on a bad combination)."""
     from ..infer.agent import AgentOptions
-    from ..infer.navigator import NavigatorOptions, role_spec
+    from ..infer.navigator import NavigatorOptions
     from ..prep.captioning import CaptionOptions
-    from ..prep.models import ModelSpec
+    from ..prep.models import ModelSpec, resolve_roles
     from ..prep.tree import TreeOptions
 
     if min_width > max_width:
         raise ValueError(f"--min-width {min_width} is larger than --max-width {max_width}")
     main = ModelSpec(backend=backend, model=model, base_urls=tuple(base_url), api_key=api_key,
                      concurrency=concurrency, timeout_s=timeout, max_retries=max_retries, device=device)
-    caption = role_spec(main, caption_backend, caption_model, tuple(caption_base_url), caption_api_key)
-    qa = role_spec(caption, qa_backend, qa_model, tuple(qa_base_url), qa_api_key)
+    roles = resolve_roles(main, (caption_backend, caption_model, tuple(caption_base_url), caption_api_key),
+                          (qa_backend, qa_model, tuple(qa_base_url), qa_api_key))
     return NavigatorOptions(
-        reasoning=main, caption=caption, qa=qa,
+        reasoning=roles.reasoning, caption=roles.caption, qa=roles.qa,
         agent=AgentOptions(max_rounds=max_rounds, max_invalid=max_invalid, max_tokens=max_tokens,
                            temperature=temperature, seed=seed),
         tree=TreeOptions(segment_seconds=segment_seconds, min_width=min_width, max_width=max_width,

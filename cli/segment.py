@@ -30,6 +30,10 @@ def segment_command(
                               help="With --clips: stream copy (fast, cuts on keyframes; real cut points are recorded) "
                                    "instead of one exact re-encode pass."),
     jpeg_quality: int = typer.Option(90, "--jpeg-quality", min=1, max=100, help="JPEG quality of stored frames."),
+    max_bad_frames: float = typer.Option(0.05, "--max-bad-frames", min=0.0, max=1.0, metavar="SHARE",
+                                         help="Refuse a video when more than this share of its sampled frames "
+                                              "do not decode (or of its frames cannot be read). Fewer are "
+                                              "replaced by the nearest frame of the same node that decodes."),
     segment_seconds: float = typer.Option(16.0, "--segment-seconds", min=0.001, rich_help_panel=TREE_PANEL,
                                           help="K = clamp(round((duration / this) ** (1/3)), min, max)."),
     min_width: int = typer.Option(4, "--min-width", min=1, rich_help_panel=TREE_PANEL,
@@ -58,7 +62,9 @@ def segment_command(
     samples is decoded once, in one pass, into the frame store under the
     cache directory. One lvr.node/1 JSONL record is written per node; a video's
     records are written together, and a rerun over the same -o file skips
-    videos already there.
+    videos already there. A sampled frame that does not decode is replaced by
+    the nearest one of the same node that does (listed in the record's
+    substituted_frames).
 
     Exit status: 0 all videos done, 1 some failed (each named on stderr), 2 usage error.
 
@@ -90,7 +96,7 @@ def segment_command(
                        qa_side=qa_side)
     options = SegmentOptions(tree=tree, qa_frames=qa_frames, subtitles=subtitles,
                              use_subtitles=not no_subtitles, clips_dir=clips, copy_clips=copy,
-                             jpeg_quality=jpeg_quality)
+                             jpeg_quality=jpeg_quality, max_bad_frames=max_bad_frames)
     store = FrameStore(frames_dir(resolve_cache_dir(cache_dir)))
     log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr segment: {msg}"))
     try:
@@ -102,5 +108,6 @@ def segment_command(
             say(f"lvr segment: error: {err}")
     say(f"lvr segment: {len(summary.done)} done, {len(summary.skipped)} skipped, "
         f"{len(summary.failed)} failed; {summary.nodes} nodes, "
-        f"{summary.frames_written} frames stored, {summary.frames_cached} already cached")
+        f"{summary.frames_written} frames stored, {summary.frames_cached} already cached, "
+        f"{summary.frames_substituted} substituted (did not decode)")
     raise typer.Exit(EXIT_SOME_FAILED if summary.failed else EXIT_OK)

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, OutputOption, QuietOption, fail_usage,
-                     say)
+                     naming, say, say_error)
 from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
                             CaptionBaseUrlOption, CaptionMaxTokensOption, CaptionModelOption, CaptionPromptOption,
                             CaptionSideOption, CaptionTemperatureOption, ConcurrencyOption, DeviceOption,
@@ -139,9 +139,10 @@ def synthesize_command(
     from ..infer.benchmarks import EvalFormatError
     from ..prep.cache import resolve_cache_dir
     from ..prep.models.base import ModelError
+    from ..prep.progress import Reporter
     from ..train.synthesize import SynthesizeOptions, estimate, load_items, run_synthesize
 
-    log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr synthesize: {msg}"))
+    reporter = Reporter("lvr synthesize", enabled=not quiet)
     try:
         nav = navigator_options_from({**locals(), "model": teacher_model})
         options = SynthesizeOptions(format=fmt, video_dir=video_dir, concurrency=item_concurrency,
@@ -151,23 +152,23 @@ def synthesize_command(
         if dry_run:
             items, errors = load_items(qa, options)
             for err in errors:
-                say(f"lvr synthesize: error: {err}")
+                say_error(err)
             vdir = video_dir or (Path(qa).parent if qa != "-" else Path.cwd())
             for line in estimate(items, vdir, nav, options).lines():
                 typer.echo(line)
             raise typer.Exit(EXIT_SOME_FAILED if errors else EXIT_OK)
-        summary = run_synthesize(qa, output, nav, resolve_cache_dir(cache_dir), options, log=log,
-                                 progress=not quiet)
+        summary = run_synthesize(qa, output, nav, resolve_cache_dir(cache_dir), options, log=reporter.line,
+                                 reporter=reporter)
     except (ModelError, EvalFormatError, ValueError, OSError) as e:
         raise fail_usage(str(e))
     if quiet:
         for err in summary.load_errors + summary.failed:
-            say(f"lvr synthesize: error: {err}")
+            say_error(err)
     t = summary.teacher
     say(f"lvr synthesize: {summary.written} trajectories written ({summary.accepted} accepted), "
         f"{summary.skipped} already done, {len(summary.failed)} failed, {len(summary.load_errors)} bad records; "
-        f"teacher {t.prompt_tokens} prompt + {t.completion_tokens} completion tokens in {t.requests} requests; "
-        f"{summary.seconds:.1f} s")
+        f"the teacher used {t.prompt_tokens} prompt + {t.completion_tokens} completion tokens in {t.requests} "
+        f"requests; {summary.seconds:.1f} s.")
     if summary.budget_stopped:
         say(f"lvr synthesize: token budget reached: {summary.not_started} items not started "
             f"(rerun with a larger --token-budget to go on)")
@@ -203,14 +204,21 @@ def _export(path: Path, output: Optional[Path], fmt: str, per_turn: bool) -> int
     except (OSError, RecordError) as e:
         raise fail_usage(f"{path}: {e}")
     samples, stats = sft_samples(records, per_turn=per_turn)
-    if fmt == "trl":
-        write_trl_jsonl(samples, output)
-        where = str(output)
-    else:
-        data, info = write_llamafactory(samples, output)
-        where = f"{data} and {info}"
-    say(f"lvr synthesize --export-sft: {len(samples)} samples from "
-        + ", ".join(f"{k} {v}" for k, v in stats.items()) + f" -> {where}")
+    try:
+        if fmt == "trl":
+            write_trl_jsonl(samples, output)
+            where = str(output)
+        else:
+            data, info = write_llamafactory(samples, output)
+            where = f"{data} and {info}"
+    except OSError as e:
+        raise fail_usage(naming(output, str(e)))
+    left_out = stats["skipped_invalid"] + stats["skipped_rejected"]
+    why = "; ".join(f"{code} {n}" for code, n in stats["invalid"].items())
+    say(f"lvr synthesize --export-sft: {len(samples)} {'per-turn ' if per_turn else ''}samples from "
+        f"{stats['records'] - left_out} of {stats['records']} trajectories written to {where}"
+        + (f"; {left_out} left out ({stats['skipped_rejected']} not accepted, {stats['skipped_invalid']} invalid"
+           + (f": {why}" if why else "") + ")" if left_out else "") + ".")
     return EXIT_OK
 
 

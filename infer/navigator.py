@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from ..prep.models import ModelSpec
 from ..prep.models.base import ChatModel, ModelError
 from ..prep.segment import SegmentOptions, load_or_segment
 from ..prep.tree import TreeOptions
-from .agent import AgentOptions, AgentResult, Review, run_agent
+from .agent import AgentOptions, AgentResult, OnTurn, Review, run_agent
 from .environment import VideoEnv
 from .protocol import load_system_prompt, protocol_hash
 from .video_qa import DEFAULT_QA_SYSTEM_PROMPT, VideoQA, qa_prompt_hash
@@ -65,12 +66,18 @@ class NavigatorOptions:
         }
 
 
-def role_spec(main: ModelSpec, backend: str | None, model: str | None, base_urls: tuple[str, ...],
-              api_key: str | None) -> ModelSpec:
-    """A secondary role (caption, qa): each field falls back to the main model's."""
-    return replace(main, backend=backend or (main.backend if not base_urls else "auto"),
-                   model=model or main.model, base_urls=base_urls or main.base_urls,
-                   api_key=api_key if api_key is not None else main.api_key)
+@dataclass(frozen=True)
+class AskCallbacks:
+    """What a caller may follow of one question, for progress (each is optional).
+
+    `on_plan` and `on_frames` come only when the video must be segmented, from
+    a worker thread; the others from the event loop.
+    """
+
+    on_plan: Callable[[int], None] | None = None        # frames to decode
+    on_frames: Callable[[int], None] | None = None      # frames decoded since the last call
+    on_tree: Callable[[VideoEnv], None] | None = None   # the tree is ready; the K high captions come next
+    on_turn: OnTurn | None = None                       # a model turn has ended
 
 
 @dataclass
@@ -82,6 +89,13 @@ class Asked:
     settings: dict
     video: str
     error: str | None = None
+    segment_seconds: float = 0.0    # loading or segmenting the tree (0 when another question had it)
+
+    def accounting(self) -> dict:
+        """The agent's accounting plus the time spent on the tree; empty when there was no tree."""
+        if self.env is None:
+            return {}
+        return {**self.result.accounting(self.env), "segment_seconds": round(self.segment_seconds, 3)}
 
 
 class Navigator:
@@ -107,15 +121,38 @@ class Navigator:
         return self._models[spec]
 
     async def preflight(self) -> None:
-        """Fail within one timeout, naming the URL, when an endpoint cannot be reached."""
+        """Catch set-up mistakes before any video is decoded: no model, a model that cannot be
+        found, an endpoint that cannot be reached, a text-only model in an image role."""
+        from ..prep.models import Roles, check_roles
         from ..prep.models.openai_backend import OpenAIChat
 
+        roles = Roles(self.options.reasoning, self.options.caption, self.options.qa)
+        await asyncio.to_thread(check_roles, roles)
         seen = set()
-        for spec in (self.options.reasoning, self.options.caption, self.options.qa):
+        for _, spec in roles.items():
             model = self.model(spec)
             if isinstance(model, OpenAIChat) and id(model) not in seen:
                 seen.add(id(model))
                 await model.check_reachable()
+        # A captioner that fell back to the reasoning endpoint may be a text-only navigator:
+        # one tiny image finds out before it is sent 128 (which can jam the server).
+        for role in ("caption", "qa"):
+            spec = getattr(roles, role)
+            if roles.owner(role) == "reasoning" and isinstance(self.model(spec), OpenAIChat):
+                await self._check_takes_images(roles, role)
+                break
+
+    async def _check_takes_images(self, roles, role: str) -> None:
+        from ..prep.models import text_only_message
+        from ..prep.models.base import GenerationOptions, image_part, probe_images, text_part
+
+        chat = self.model(getattr(roles, role))
+        content = [text_part("Reply with OK."), image_part(probe_images(1)[0])]
+        try:
+            await chat.complete([{"role": "user", "content": content}], GenerationOptions(max_tokens=1))
+        except ModelError as e:
+            if any(f"HTTP {code}" in str(e) for code in (400, 415, 422)):
+                raise ModelError(text_only_message(roles, role, f"its server refuses an image ({e})")) from None
 
     def captioner(self, subtitles: bool) -> Captioner:
         if subtitles not in self._captioners:
@@ -129,15 +166,23 @@ class Navigator:
 
     # -- trees ----------------------------------------------------------------------------
 
-    async def tree(self, video: "str | os.PathLike") -> list[dict]:
+    async def tree(self, video: "str | os.PathLike", *, on_plan: Callable[[int], None] | None = None,
+                   on_frames: Callable[[int], None] | None = None) -> list[dict]:
         """The video's node records (segmenting it once; VideoError when it cannot be)."""
+        nodes, _ = await self._timed_tree(video, on_plan, on_frames)
+        return nodes
+
+    async def _timed_tree(self, video, on_plan, on_frames) -> tuple[list[dict], float]:
+        """The node records and the seconds this call spent loading or segmenting them."""
         key = os.path.realpath(video)
         lock = self._tree_locks.setdefault(key, asyncio.Lock())
         async with lock:
-            if key not in self._trees:
-                self._trees[key] = await asyncio.to_thread(load_or_segment, video, self.segment_options,
-                                                           self.cache_dir)
-            return self._trees[key]
+            if key in self._trees:
+                return self._trees[key], 0.0
+            started = time.perf_counter()
+            self._trees[key] = await asyncio.to_thread(load_or_segment, video, self.segment_options,
+                                                       self.cache_dir, on_frames, on_plan)
+            return self._trees[key], time.perf_counter() - started
 
     # -- questions ------------------------------------------------------------------------
 
@@ -146,7 +191,8 @@ class Navigator:
 
     async def ask(self, video: "str | os.PathLike", question: str, options: tuple[str, ...] = (),
                   *, subtitles: bool = True, nodes: list[dict] | None = None,
-                  make_review: Callable[[VideoEnv], Review] | None = None) -> Asked:
+                  make_review: Callable[[VideoEnv], Review] | None = None,
+                  callbacks: AskCallbacks = AskCallbacks()) -> Asked:
         """Answer one question about one video. Failures come back in `Asked.error`, never raised.
 
         `make_review(env)` gives a reviewer for the answers (teacher synthesis).
@@ -156,16 +202,20 @@ class Navigator:
 
         settings = self.settings(subtitles)
         empty = AgentResult(question, tuple(options))
+        segment_seconds = 0.0
         try:
-            nodes = nodes if nodes is not None else await self.tree(video)
+            if nodes is None:
+                nodes, segment_seconds = await self._timed_tree(video, callbacks.on_plan, callbacks.on_frames)
             env = VideoEnv(nodes, self.captioner(subtitles), self.video_qa())
         except (VideoError, ValueError, ModelError, EnvError) as e:
             empty.stopped, empty.error = "error", str(e)
-            return Asked(empty, None, settings, str(video), str(e))
+            return Asked(empty, None, settings, str(video), str(e), segment_seconds)
+        if callbacks.on_tree is not None:
+            callbacks.on_tree(env)
         result = await run_agent(self.model(self.options.reasoning), env, question, options,
                                  template=self.template, agent=self.options.agent,
-                                 review=make_review(env) if make_review else None)
-        return Asked(result, env, settings, str(video), result.error)
+                                 review=make_review(env) if make_review else None, on_turn=callbacks.on_turn)
+        return Asked(result, env, settings, str(video), result.error, segment_seconds)
 
     async def aclose(self) -> None:
         for model in self._models.values():
@@ -191,7 +241,7 @@ def build_trace(asked: Asked, *, correct_answer: str | None = None, correct: boo
         "turns": [t.to_record() for t in result.turns],
         "visits": [v.to_record() for v in env.visits] if env else [],
         "messages": result.messages,
-        "accounting": result.accounting(env) if env else {},
+        "accounting": asked.accounting(),
         "settings": asked.settings,
         "tree": [],
     }

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from .models import ModelSpec, resolve_backend
-from .models.base import GenerationOptions, ModelError, image_part, text_part
+from .models.base import GenerationOptions, ModelError, image_part, probe_images, text_part
 
 FFMPEG_FIX = ("install ffmpeg (it brings ffprobe): apt-get install -y ffmpeg, brew install ffmpeg, "
               "or conda install -c conda-forge ffmpeg")
@@ -202,18 +202,6 @@ def _image_fix(error: str, role: str, spec: ModelSpec, key_sent: bool) -> str:
     return _request_fix(error, spec, key_sent)
 
 
-def _test_images(n: int) -> list[bytes]:
-    from PIL import Image
-
-    out = []
-    for i in range(n):
-        colour = ((i * 53) % 256, (i * 97 + 80) % 256, (i * 151 + 160) % 256)
-        buf = io.BytesIO()
-        Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), colour).save(buf, "JPEG", quality=80)
-        out.append(buf.getvalue())
-    return out
-
-
 def _key_sent(spec: ModelSpec) -> bool:
     return bool(spec.api_key if spec.api_key is not None else os.environ.get("OPENAI_API_KEY"))
 
@@ -321,7 +309,7 @@ async def _check_url(role: str, spec: ModelSpec, url: str, images: int, vision: 
             checks.append(_skip(names["images"], "not tried (the text request failed)"))
             return checks
         content = [text_part(f"Here are {images} small test images. Reply with OK.")]
-        content += [image_part(j) for j in _test_images(images)]
+        content += [image_part(j) for j in probe_images(images, IMAGE_SIDE)]
         try:
             reply = await chat.complete([{"role": "user", "content": content}],
                                         GenerationOptions(max_tokens=1, temperature=0.0))
@@ -346,14 +334,6 @@ def _model_unknown(error: str) -> bool:
 
 
 # -- in-process backends ----------------------------------------------------
-
-
-def _vision_type(model_type: str | None, auto_map: dict | None = None) -> bool | None:
-    if not model_type:
-        return None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or "AutoModelForImageTextToText" in (auto_map or {})
 
 
 def _files_check(name: str, folder: Path, vision: bool) -> Check:
@@ -391,72 +371,36 @@ def _files_check(name: str, folder: Path, vision: bool) -> Check:
 
 
 def _hf_model_checks(role: str, kind: str, model: str, vision: bool) -> list[Check]:
-    from .models.transformers_backend import _looks_like_path
+    from .models.locate import ModelNotFound, locate_model
 
     name = f"{role} {kind} model {model!r}"
-    path = Path(os.path.expanduser(model))
-    checks: list[Check] = []
-    is_vision = None
-    if path.exists():
-        if not path.is_dir():
-            return [Check(name, False, f"{path} is a file, not a model folder",
-                          "pass the folder that holds config.json")]
-        if not (path / "config.json").is_file():
-            return [Check(name, False, f"no config.json in {path}",
-                          "pass the folder of a Hugging Face checkpoint (the one holding config.json)")]
-        try:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(str(path))
-        except Exception as e:  # noqa: BLE001 - any load failure is reported in one line
-            return [Check(name, False, f"config.json does not load: {type(e).__name__}: {_first_line(e)}",
-                          "check the checkpoint is complete; a newer transformers may be needed for this model")]
-        model_type = getattr(config, "model_type", None)
-        is_vision = _vision_type(model_type, getattr(config, "auto_map", None))
-        kind_text = "vision-language" if is_vision else "text-only"
-        checks.append(Check(name, True, f"local folder, {model_type} ({kind_text})"))
-        checks.append(_files_check(f"{role} {kind} model files", path, bool(is_vision)))
-    elif _looks_like_path(model):
-        return [Check(name, False, f"no such folder: {path.absolute()}",
-                      "check the path, or put the checkpoint there (e.g. hf download ORG/NAME --local-dir DIR)")]
-    else:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(model, local_files_only=True)
-        except Exception:  # noqa: BLE001 - not cached (or unreadable): ask the hub below
-            config = None
-        if config is not None:
-            model_type = getattr(config, "model_type", None)
-            is_vision = _vision_type(model_type, getattr(config, "auto_map", None))
-            checks.append(Check(name, True, f"in the Hugging Face cache, {model_type}"))
+    try:
+        found = locate_model(model)
+    except ModelNotFound as e:
+        reason = str(e)
+        if reason.startswith(("no such folder", "no config.json")):
+            fix = ("check the path, or put the checkpoint there (e.g. hf download ORG/NAME --local-dir DIR)"
+                   if reason.startswith("no such folder") else
+                   "pass the folder of a Hugging Face checkpoint (the one holding config.json)")
+        elif "is a file" in reason:
+            fix = "pass the folder that holds config.json"
+        elif "does not load" in reason:
+            fix = "check the checkpoint is complete; a newer transformers may be needed for this model"
+        elif "not on the Hugging Face hub" in reason:
+            fix = "check the id; for a gated or private model log in (hf auth login) or set HF_TOKEN"
         else:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-            download = (f"download it where there is network (hf download {model} --local-dir DIR) "
-                        f"and pass {_model_flag(role)} DIR")
-            if offline:
-                return [Check(name, False, "not a local folder and not in the Hugging Face cache "
-                                           "(HF_HUB_OFFLINE is set)", download)]
-            try:
-                import huggingface_hub
-
-                info = huggingface_hub.model_info(model, timeout=10)
-            except Exception as e:  # noqa: BLE001
-                kind_name = type(e).__name__
-                if "NotFound" in kind_name or "Gated" in kind_name:
-                    return [Check(name, False, f"not on the Hugging Face hub ({kind_name})",
-                                  "check the id; for a gated or private model log in (hf auth login) or set HF_TOKEN")]
-                return [Check(name, False, "not a local folder, not in the Hugging Face cache, and the hub "
-                                           f"cannot be reached ({kind_name}: {_first_line(e, 120)})", download)]
-            model_type = (getattr(info, "config", None) or {}).get("model_type")
-            is_vision = _vision_type(model_type)
-            checks.append(Check(name, True, f"on the Hugging Face hub ({model_type or 'type unknown'}); "
-                                            "the first run downloads it"))
-    if vision and is_vision is False:
+            fix = (f"download it where there is network (hf download {model} --local-dir DIR) "
+                   f"and pass {_model_flag(role)} DIR")
+        return [Check(name, False, reason, fix)]
+    checks = [Check(name, True, found.describe() + ("; the first run downloads it" if found.where == "hub" else ""))]
+    if found.where == "folder":
+        checks.append(_files_check(f"{role} {kind} model files", Path(os.path.expanduser(model)),
+                                   bool(found.takes_images)))
+    if vision and found.takes_images is False:
         text_only = "; or pass --text-only if the main model is a text-only navigator" \
             if "main" in role.split("+") else ""
         checks.append(Check(f"{role} {kind} model takes images", False,
-                            f"{model_type} is text-only, but this role sends images",
+                            f"{found.model_type} is text-only, but this role sends images",
                             f"choose a vision-language checkpoint (Qwen2.5-VL, Qwen3-VL, ...){text_only}"))
     return checks
 

@@ -395,3 +395,40 @@ def test_against_transformers_serve(tiny_text, tmp_path):
     assert wrong.returncode == 1
     [line] = lines_with(wrong, "FAIL main endpoint", "serves model 'wrong-name'")
     assert "pinned to" in line
+
+
+@pytest.mark.parametrize("role_flags", [
+    # qa gives only a model: it takes the captioner's endpoint (doctor once took the main one)
+    lambda main, cap: ["--caption-model", VL, "--caption-base-url", cap, "--qa-model", "qa-vl"],
+    # qa gives nothing: it is the captioner
+    lambda main, cap: ["--caption-model", VL, "--caption-base-url", cap],
+    # caption gives only a model: it is served by the main endpoint, and qa follows it
+    lambda main, cap: ["--caption-model", VL, "--qa-base-url", cap, "--qa-model", "qa-vl"],
+], ids=["qa-model-only", "qa-from-caption", "caption-on-main"])
+def test_doctor_and_ask_resolve_the_same_endpoint_for_each_role(role_flags, numbered_video, tmp_path):
+    import json
+
+    def reply(body):
+        if prompt_image_count(body):
+            return "<caption>grey frames</caption>"
+        return "<think>the first option</think><answer>A</answer>"
+
+    with FakeOpenAI(reply, models=["navigator", VL]) as main, FakeOpenAI(reply, models=[VL, "qa-vl"]) as cap:
+        flags = ["--base-url", main.url, "--model", "navigator", *role_flags(main.url, cap.url)]
+        checked = doctor(*flags, "--text-only")
+        answer = tmp_path / "answer.jsonl"
+        asked = subprocess.run([sys.executable, "-m", "lvr.cli", "ask", str(numbered_video), "Which?",
+                                "-O", "A. one", "-O", "B. two", *flags, "--cache-dir", str(tmp_path / "c"),
+                                "-o", str(answer)], capture_output=True, text=True, timeout=300, env=env())
+    assert checked.returncode == 0, checked.stdout
+    assert asked.returncode == 0, asked.stderr
+    models = json.loads(answer.read_text())["settings"]["models"]
+    by_role = {"main": models["reasoning"], "caption": models["caption"], "qa": models["qa"]}
+    for line in checked.stdout.splitlines():
+        if " endpoint http" in line and line.startswith("ok "):
+            roles, url = line.split()[1], line.split()[3]
+            for role in roles.split("+"):
+                assert by_role[role]["base_urls"] == [url], (role, line)
+    checked_roles = {r for line in checked.stdout.splitlines() if " endpoint http" in line
+                     for r in line.split()[1].split("+")}
+    assert {"main", "caption"} <= checked_roles

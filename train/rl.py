@@ -1,4 +1,4 @@
-"""Multi-turn GRPO for the navigator (DESIGN.md §2 RL), on TRL's `GRPOTrainer` with a `rollout_func`.
+"""Multi-turn GRPO for the navigator (docs/architecture.md §2.8), on TRL's `GRPOTrainer` with a `rollout_func`.
 
 Each training prompt is one QA item (video, question, options, answer, clue
 intervals). For every prompt the trainer asks for, `RolloutFunction` runs the
@@ -316,11 +316,12 @@ class RolloutFunction:
 
     def preflight(self) -> None:
         """Fail at once, naming the URL, when the captioner's (or video_qa's) endpoint cannot be reached."""
+        from ..prep.caption_store import CaptionStoreError
         from ..prep.models.base import ModelError
 
         try:
             self.loop.run(self._preflight())
-        except ModelError as e:
+        except (ModelError, CaptionStoreError) as e:
             raise RlError(str(e)) from None
 
     async def _preflight(self) -> None:

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of the navigator with TRL's SFTTrainer (DESIGN.md §2 SFT).
+"""Supervised fine-tuning of the navigator with TRL's SFTTrainer (docs/architecture.md §2.6).
 
 Full fine-tuning or LoRA, loss on assistant turns only, and a chat template that
 keeps the `<think>` text of earlier turns (see `chat_template`). The defaults
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .chat_template import TemplateError, TemplateFix, ensure_think_preserving_template, template_keeps_think
+from ..prep.models.locate import looks_like_path
 
 SCHEMA = "lvr.sft/1"
 RECORD_FILE = "lvr_sft.json"
@@ -260,11 +261,6 @@ def resolve_bf16(value: Any, *, cpu: bool = False) -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
-def _looks_like_path(name: str) -> bool:
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-            or (os.sep != "/" and os.sep in name))
-
-
 def check_model(model: str) -> str:
     """The model as from_pretrained should get it; SftError for a local folder that is missing."""
     expanded = os.path.expanduser(model)
@@ -274,7 +270,7 @@ def check_model(model: str) -> str:
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             raise SftError(f"--model {model}: no config.json in this folder (not a Hugging Face checkpoint)")
         return expanded
-    if _looks_like_path(model):
+    if looks_like_path(model):
         raise SftError(f"--model {model}: no such model folder")
     return model
 

@@ -82,3 +82,18 @@ def image_part(jpeg: bytes) -> dict:
 def count_images(messages: list[Message]) -> int:
     return sum(1 for m in messages if isinstance(m.get("content"), list)
                for p in m["content"] if p.get("type") == "image")
+
+
+def probe_images(n: int, side: int = 32) -> list[bytes]:
+    """n small, distinct JPEGs for probing whether (and how many) images an endpoint takes."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        colour = ((i * 53) % 256, (i * 97 + 80) % 256, (i * 151 + 160) % 256)
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), colour).save(buf, "JPEG", quality=80)
+        out.append(buf.getvalue())
+    return out

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable
 
 from .base import Completion, GenerationOptions, Message, ModelError, Usage
+from .locate import config_takes_images, looks_like_path
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -109,20 +110,6 @@ def load_processor(model: str, config, *, trust_remote_code: bool = False):
                                          chat_template=template)
 
 
-def _looks_like_path(name: str) -> bool:
-    """A local folder rather than a hub id ("org/name" has exactly one slash)."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-            or os.sep != "/" and os.sep in name)
-
-
-def _is_vision_config(config) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    auto_map = getattr(config, "auto_map", None) or {}
-    return (getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-            or "AutoModelForImageTextToText" in auto_map)
-
-
 def _decode_image(jpeg: bytes):
     from PIL import Image
 
@@ -197,13 +184,13 @@ class TransformersChat:
     def _load(self) -> _Loaded:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-        if _looks_like_path(self.name) and not os.path.exists(os.path.expanduser(self.name)):
+        if looks_like_path(self.name) and not os.path.exists(os.path.expanduser(self.name)):
             raise ModelError("no such model folder")
         device, dtype = resolve_device_and_dtype(self._device, self._dtype)
         remote = self._trust_remote_code
         name = os.path.expanduser(self.name)
         config = AutoConfig.from_pretrained(name, trust_remote_code=remote)
-        vision = _is_vision_config(config)
+        vision = config_takes_images(config)
         auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
         # device_map places weights straight onto the GPU instead of via host memory.
         model = auto.from_pretrained(name, config=config, dtype=dtype, trust_remote_code=remote,
