@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import re
 
 from ..prep.captioning import format_time, node_label
+from ..prep.frame_repair import FrameRepairError, read_node_frames
 from ..prep.frames import FrameStore
 from ..prep.models.base import ChatModel, Completion, GenerationOptions, Message, image_part, text_part
+from ..prep.tags import strip_think
 
 QA_FRAMES = 16   # frames per video_qa request; segment stores them at 1024 px (--qa-frames)
 
@@ -16,9 +17,6 @@ You look at frames from a short clip of a video and answer one question about \
 them. Answer from what the frames show, briefly and concretely; name the \
 timestamp when it helps. If the frames do not show the answer, say so plainly \
 instead of guessing."""
-
-_THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
-
 
 class VideoQAError(Exception):
     """The leaf cannot be asked about (frames missing, model failed). One line."""
@@ -60,11 +58,10 @@ class VideoQA:
                 keys, times = [keys[i] for i in picks], [times[i] for i in picks]
         if not keys:
             raise VideoQAError(f"{node_label(node)}: the record lists no frames for video_qa")
-        try:
-            return [self.frames.get(k) for k in keys], list(times or [])
-        except (OSError, ValueError) as e:
-            raise VideoQAError(f"{node_label(node)}: video_qa frames missing from the frame store ({e})") \
-                from None
+        try:  # each a whole JPEG: damaged ones are decoded again from the video first
+            return read_node_frames(self.frames, node, keys), list(times or [])
+        except (FrameRepairError, ValueError) as e:
+            raise VideoQAError(f"{node_label(node)}: video_qa frames: {e}") from None
 
     async def ask(self, node: dict, query: str) -> tuple[str, Completion]:
         from ..prep.models.base import ModelError
@@ -75,5 +72,5 @@ class VideoQA:
             reply = await self.model.complete(messages, self.options)
         except ModelError as e:
             raise VideoQAError(f"{node_label(node)}: video_qa failed: {e}") from None
-        answer = _THINK_RE.sub("", reply.text).strip()
+        answer = strip_think(reply.text).strip()
         return answer or "(the vision model gave no answer)", reply

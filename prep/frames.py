@@ -7,18 +7,26 @@ own threads; resizing and JPEG encoding run in a thread pool that overlaps
 with decoding (both release the GIL). Packets whose frames nobody needs are
 decoded with ``skip_frame=NONREF`` so non-reference frames are skipped
 outright, and decoding stops after the last needed frame.
+
+Real files have packets that do not decode. The pass goes on past them and
+reports the requested frames that never came out whole (`ExtractStats.missing`);
+the caller decides what to do about them. `DecodableFrames` and
+`extract_frames_at` then decode short spans after a seek, to find neighbours
+that do decode and to store them (or to decode a damaged stored frame again).
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
 import io
 import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .probe import VideoError, VideoInfo
 
@@ -29,6 +37,23 @@ _KEY_RE = re.compile(r"^[0-9a-f]{8,64}/[0-9]{1,5}/[0-9]{1,10}\.jpg$")
 def frame_key(video_id: str, index: int, side: int) -> str:
     """Store key of one frame at one size: '<video_id>/<longest side>/<index>.jpg'."""
     return f"{video_id}/{side}/{index:08d}.jpg"
+
+
+def parse_frame_key(key: str) -> tuple[str, int, int]:
+    """'<video_id>/<side>/<index>.jpg' -> (video_id, index, side)."""
+    if not _KEY_RE.match(key):
+        raise ValueError(f"not a frame store key: {key!r}")
+    video_id, side, name = key.split("/")
+    return video_id, int(name[:-len(".jpg")]), int(side)
+
+
+class FrameStoreError(Exception):
+    """A frame could not be written to the store. One line naming the store and why."""
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 class FrameStore:
@@ -52,11 +77,15 @@ class FrameStore:
 
     def put(self, key: str, data: bytes) -> None:
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _write_file(tmp, data)
+            os.replace(tmp, dest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)  # never leave a torn file behind
+            why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise FrameStoreError(f"frame store {self.root}: cannot write {key}: {why}") from None
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
@@ -80,6 +109,8 @@ class ExtractStats:
     cached: int = 0        # already in the store
     written: int = 0       # newly encoded
     frames_decoded: int = 0  # frames that came out of the decoder
+    decode_errors: int = 0   # packets the decoder rejected (the pass went on)
+    missing: list[int] = field(default_factory=list)  # requested frames that never came out whole
 
 
 def effective_side(info: VideoInfo, side: int) -> int:
@@ -118,6 +149,105 @@ def encode_frame(frame, info: VideoInfo, sides: list[int], quality: int) -> list
     return out
 
 
+def _open_video(info: VideoInfo):
+    """(container, video stream) for decoding with libavcodec's own threads."""
+    import av
+
+    try:
+        container = av.open(info.path)
+    except Exception as e:  # PyAV raises several error types
+        raise VideoError(info.path, f"cannot open: {e}") from None
+    stream = next(s for s in container.streams.video if s.index == info.stream_index)
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _demux(container, stream, stats: ExtractStats) -> Iterator:
+    """Packets in file order. A demux error partway (a truncated or damaged tail)
+    ends the stream with the packets read so far, then a flush of the decoder."""
+    import av
+
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.error.FFmpegError:
+            stats.decode_errors += 1
+            yield None  # flush what the decoder still holds
+            return
+        yield packet
+
+
+def _decode(codec, packet, stats: ExtractStats) -> list:
+    """The whole frames one packet (None: a flush) gives. A packet the decoder
+    rejects is counted and skipped: its frame, and frames that cannot be
+    rebuilt without it, simply never come out."""
+    import av
+
+    try:
+        frames = codec.decode(packet)
+    except av.error.FFmpegError:
+        stats.decode_errors += 1
+        return []
+    stats.frames_decoded += len(frames)
+    return [f for f in frames if not f.is_corrupt]
+
+
+class _JpegWriter:
+    """Encodes and stores frames in a thread pool, with a bound on frames in flight."""
+
+    def __init__(self, info: VideoInfo, want: dict[int, list[int]], store: FrameStore, quality: int,
+                 workers: int | None, on_progress: Callable[[int], None] | None):
+        self.info, self.want, self.store, self.quality = info, want, store, quality
+        self.on_progress = on_progress
+        workers = workers or os.cpu_count() or 2
+        # Bound frames in flight: each holds a full-resolution picture.
+        self.slots = threading.BoundedSemaphore(max(4, 4 * workers))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lvr-jpeg")
+        self.pending: list[Future] = []
+
+    def _store(self, frame, index: int) -> int:
+        sides = sorted(self.want[index])
+        for side, data in encode_frame(frame, self.info, sides, self.quality):
+            self.store.put(frame_key(self.info.video_id, index, side), data)
+        if self.on_progress:
+            self.on_progress(len(sides))
+        return len(sides)
+
+    def submit(self, frame, index: int) -> None:
+        self.slots.acquire()
+        fut = self.pool.submit(self._store, frame, index)
+        fut.add_done_callback(lambda _: self.slots.release())
+        self.pending.append(fut)
+
+    def finish(self) -> int:
+        """Frames written. A store that cannot be written ends the video with its reason."""
+        try:
+            return sum(fut.result() for fut in self.pending)
+        except FrameStoreError as e:
+            raise VideoError(self.info.path, str(e)) from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _plan(info: VideoInfo, requests: Iterable[FrameRequest], store: FrameStore,
+          stats: ExtractStats, replace: bool = False) -> dict[int, list[int]]:
+    """The sizes still to be made of each frame; `replace` remakes stored ones too."""
+    want: dict[int, list[int]] = {}
+    for req in set(requests):
+        if not 0 <= req.index < info.n_frames:
+            raise ValueError(f"frame {req.index} is outside a {info.n_frames}-frame video")
+        stats.requested += 1
+        if not replace and store.has(frame_key(info.video_id, req.index, req.side)):
+            stats.cached += 1
+        else:
+            want.setdefault(req.index, []).append(req.side)
+    return want
+
+
 def extract_frames(
     info: VideoInfo,
     requests: Iterable[FrameRequest],
@@ -127,85 +257,183 @@ def extract_frames(
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> ExtractStats:
-    """Make sure every requested frame is in the store, decoding the video once.
+    """Put every requested frame in the store, decoding the video once from the start.
 
     `on_progress(n)` is called with the number of newly stored frames as they land.
-    Raises VideoError if the video cannot be decoded or requested frames never appear.
+    Frames that never come out of the decoder whole are listed in `missing`;
+    raises VideoError only if the video cannot be opened or the store written.
     """
-    import av
-
     stats = ExtractStats()
-    want: dict[int, list[int]] = {}
-    for req in set(requests):
-        if not 0 <= req.index < info.n_frames:
-            raise ValueError(f"frame {req.index} is outside a {info.n_frames}-frame video")
-        stats.requested += 1
-        if store.has(frame_key(info.video_id, req.index, req.side)):
-            stats.cached += 1
-        else:
-            want.setdefault(req.index, []).append(req.side)
+    want = _plan(info, requests, store, stats)
     if not want:
         return stats
 
     pts_to_index = {int(p): i for i, p in enumerate(info.frame_pts)}
     wanted_pts = {int(info.frame_pts[i]) for i in want}
     remaining = set(want)
-    workers = workers or os.cpu_count() or 2
-    # Bound frames in flight: each holds a full-resolution picture.
-    slots = threading.BoundedSemaphore(max(4, 4 * workers))
-    pending: list[Future] = []
-
-    def store_frame(frame, index: int) -> int:
-        for side, data in encode_frame(frame, info, sorted(want[index]), quality):
-            store.put(frame_key(info.video_id, index, side), data)
-        if on_progress:
-            on_progress(len(want[index]))
-        return len(want[index])
-
+    container, stream = _open_video(info)
+    writer = _JpegWriter(info, want, store, quality, workers, on_progress)
     try:
-        container = av.open(info.path)
-    except Exception as e:
-        raise VideoError(info.path, f"cannot open: {e}") from None
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lvr-jpeg")
-    try:
-        stream = next(s for s in container.streams.video if s.index == info.stream_index)
-        stream.thread_type = "AUTO"
         codec = stream.codec_context
         skipping = None
         decode_order = 0
-
-        def handle(frame) -> None:
-            nonlocal decode_order
-            stats.frames_decoded += 1
-            index = pts_to_index.get(frame.pts) if frame.pts is not None else decode_order
-            decode_order += 1
-            if index is None or index not in remaining:
-                return
-            remaining.discard(index)
-            slots.acquire()
-            fut = pool.submit(store_frame, frame, index)
-            fut.add_done_callback(lambda _: slots.release())
-            pending.append(fut)
-
-        try:
-            for packet in container.demux(stream):
-                if not remaining:
-                    break
-                if packet.size:  # flush packets always decode fully
-                    mode = "DEFAULT" if (packet.pts is None or packet.pts in wanted_pts) else "NONREF"
-                    if mode != skipping:
-                        codec.skip_frame = mode
-                        skipping = mode
-                for frame in packet.decode():
-                    handle(frame)
-        except av.error.FFmpegError as e:
-            raise VideoError(info.path, f"decoding failed: {e}") from None
-        for fut in pending:
-            stats.written += fut.result()
+        for packet in _demux(container, stream, stats):
+            if not remaining:
+                break
+            if packet is not None and packet.size:  # flush packets always decode fully
+                mode = "DEFAULT" if (packet.pts is None or packet.pts in wanted_pts) else "NONREF"
+                if mode != skipping:
+                    codec.skip_frame = mode
+                    skipping = mode
+            for frame in _decode(codec, packet, stats):
+                index = pts_to_index.get(frame.pts) if frame.pts is not None else decode_order
+                decode_order += 1
+                if index in remaining:
+                    remaining.discard(index)
+                    writer.submit(frame, index)
+        stats.written = writer.finish()
     finally:
-        pool.shutdown(wait=True)
+        writer.close()
         container.close()
-    if remaining:
-        raise VideoError(info.path, f"{len(remaining)} frames could not be decoded "
-                                    f"(first missing: frame {min(remaining)})")
+    stats.missing = sorted(remaining)
     return stats
+
+
+# -- seeking: short spans, for neighbours of bad frames and for repairs ---------------
+
+SEEK_TRIES = 3  # seeks that land after the target before decoding from the start instead
+
+
+class _SpanDecoder:
+    """Decodes spans of frames after a seek to the keyframe before them, skipping nothing.
+
+    Containers whose seeks are unreliable (MPEG-TS lands anywhere) are handled by
+    checking where the seek landed: packets are dropped up to a keyframe, and a
+    keyframe after the target means seeking further back, at last from the start.
+    """
+
+    def __init__(self, info: VideoInfo):
+        self.info = info
+        self.stats = ExtractStats()
+        self.pts_to_index = {int(p): i for i, p in enumerate(info.frame_pts)}
+        self.container, self.stream = _open_video(info)
+
+    def close(self) -> None:
+        self.container.close()
+
+    def _packets_from(self, target: int) -> Iterator:
+        """Packets from a keyframe whose pts is at or before `target`."""
+        ticks_per_s = 1 / float(self.info.time_base)
+        back = 0
+        for _ in range(SEEK_TRIES):
+            self.container.seek(max(int(target - back), int(self.info.frame_pts[0])), stream=self.stream,
+                                backward=True)
+            packets = _demux(self.container, self.stream, self.stats)
+            first = next((p for p in packets if p is None or (p.size and p.is_keyframe)), None)
+            landed = None if first is None else (first.pts if first.pts is not None else first.dts)
+            if landed is not None and landed <= target:
+                yield first
+                yield from packets
+                return
+            back = max(2 * back, 10 * ticks_per_s)
+        self.container.close()  # no seek landed early enough: decode from the very start
+        self.container, self.stream = _open_video(self.info)
+        yield from _demux(self.container, self.stream, self.stats)
+
+    def span(self, first: int, last: int) -> Iterator[tuple[int, object]]:
+        """(index, frame) for the frames first..last that come out of the decoder whole."""
+        codec = self.stream.codec_context
+        codec.skip_frame = "DEFAULT"
+        for packet in self._packets_from(int(self.info.frame_pts[first])):
+            codec = self.stream.codec_context  # the stream is new after a restart
+            for frame in _decode(codec, packet, self.stats):
+                index = self.pts_to_index.get(frame.pts) if frame.pts is not None else None
+                if index is None or index < first:
+                    continue
+                if index > last:  # frames come out in presentation order
+                    return
+                yield index, frame
+
+
+class DecodableFrames:
+    """Which frames of a video come out of the decoder whole, learnt on demand.
+
+    Asking about a frame nobody has tried decodes the WINDOW frames either side
+    of it after a seek; a frame that does not come out there is not decodable.
+    Use as a context manager (it holds the video open).
+    """
+
+    WINDOW = 32
+
+    def __init__(self, info: VideoInfo):
+        import numpy as np  # here, so option parsing (`lvr --help`) never loads numpy
+
+        self.info = info
+        self.state = np.zeros(info.n_frames, dtype=np.int8)  # 0 not tried, 1 whole, -1 not decodable
+        self._decoder: _SpanDecoder | None = None
+
+    def __enter__(self) -> "DecodableFrames":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+
+    def __call__(self, index: int) -> bool:
+        if self.state[index] == 0:
+            self._learn(index)
+        return bool(self.state[index] == 1)
+
+    def _learn(self, index: int) -> None:
+        if self._decoder is None:
+            self._decoder = _SpanDecoder(self.info)
+        a = max(0, index - self.WINDOW)
+        b = min(self.info.n_frames - 1, index + self.WINDOW)
+        whole = [i for i, _ in self._decoder.span(a, b)]
+        untried = self.state[a:b + 1] == 0
+        self.state[a:b + 1][untried] = -1
+        self.state[[i for i in whole if untried[i - a]]] = 1
+
+
+def extract_frames_at(info: VideoInfo, requests: Iterable[FrameRequest], store: FrameStore, *,
+                      quality: int = JPEG_QUALITY, replace: bool = False) -> ExtractStats:
+    """Store a few frames by seeking to each (for substitutes and repairs), not by a whole pass.
+
+    Frames close together share one span of decoding. `replace` remakes frames
+    already stored (a damaged file is overwritten atomically). Frames that do
+    not come out whole are listed in `missing`.
+    """
+    stats = ExtractStats()
+    want = _plan(info, requests, store, stats, replace)
+    if not want:
+        return stats
+    decoder = _SpanDecoder(info)
+    writer = _JpegWriter(info, want, store, quality, None, None)
+    keyframes = [int(i) for i in info.frame_times.searchsorted(info.keyframe_times)]
+    remaining = set(want)
+    try:
+        for first, last in _spans(sorted(want), keyframes):
+            for index, frame in decoder.span(first, last):
+                if index in remaining:
+                    remaining.discard(index)
+                    writer.submit(frame, index)
+        stats.written = writer.finish()
+    finally:
+        writer.close()
+        decoder.close()
+    stats.frames_decoded, stats.decode_errors = decoder.stats.frames_decoded, decoder.stats.decode_errors
+    stats.missing = sorted(remaining)
+    return stats
+
+
+def _spans(indices: list[int], keyframes: list[int]) -> list[tuple[int, int]]:
+    """Group sorted frame indices into spans; a keyframe between two frames starts a new span
+    (seeking there costs no more than decoding on). `keyframes`: sorted frame indices."""
+    spans: list[tuple[int, int]] = []
+    for i in indices:
+        after = bisect.bisect_right(keyframes, spans[-1][1]) if spans else 0
+        if spans and not (after < len(keyframes) and keyframes[after] <= i):
+            spans[-1] = (spans[-1][0], i)
+        else:
+            spans.append((i, i))
+    return spans

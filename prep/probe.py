@@ -4,6 +4,11 @@ ffprobe gives container and stream facts (codec, rotation, streams, declared
 frame count); a PyAV packet scan (demux only, no decoding) gives every video
 frame's presentation time. Frame times come from the packets, not from an fps,
 so variable-frame-rate video gets a correct tree.
+
+Probing reports what can be read and leaves judging it to the caller: a header
+that lists a few more frames than the packets hold (edit lists hide some, real
+files lose a tail) and a demux error partway (the frames before it are kept)
+are facts in VideoInfo, not errors.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import subprocess
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 FINGERPRINT_CHUNK = 1 << 20  # bytes hashed from each end of the file
 PROBE_TIMEOUT_S = 120
@@ -70,8 +77,15 @@ class VideoInfo:
     frame_pts: np.ndarray = field(repr=False)     # per frame, presentation order, stream ticks
     frame_times: np.ndarray = field(repr=False)   # per frame, seconds from the first frame
     keyframe_times: list[float] = field(repr=False, default_factory=list)
+    declared_frames: int = 0  # the header's frame count (0: none given)
+    demux_error: str = ""     # why the packet scan stopped early ("" when it read to the end)
     has_audio: bool = False
     streams: list[dict] = field(default_factory=list)
+
+    @property
+    def unreadable_frames(self) -> int:
+        """Frames the header lists beyond those that can be read (a lost tail)."""
+        return max(0, self.declared_frames - self.n_frames)
 
     def summary(self) -> dict:
         """The facts a record carries about its video."""
@@ -144,6 +158,7 @@ def _sar(stream: dict) -> Fraction:
 def probe_video(path: "str | os.PathLike") -> VideoInfo:
     """Probe a video file. Raises VideoError with a one-line reason on any problem."""
     import av  # PyAV: demux-only scan for per-frame timestamps
+    import numpy as np  # here, so option parsing (`lvr --help`) never loads numpy
 
     p = Path(path)
     spath = str(p)
@@ -174,6 +189,7 @@ def probe_video(path: "str | os.PathLike") -> VideoInfo:
         stream = next(s for s in container.streams.video if s.index == vs["index"])
         time_base = stream.time_base or Fraction(1, 90000)
         pts, durations, keys = [], [], []
+        demux_error = ""
         try:
             for pkt in container.demux(stream):
                 if pkt.size == 0 or pkt.is_discard:
@@ -185,16 +201,14 @@ def probe_video(path: "str | os.PathLike") -> VideoInfo:
                 durations.append(pkt.duration or 0)
                 if pkt.is_keyframe:
                     keys.append(ts)
-        except Exception as e:
-            raise VideoError(spath, f"damaged or truncated: {e}") from None
+        except Exception as e:  # keep the frames before a damaged or truncated tail
+            demux_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     finally:
         container.close()
 
     if not pts:
-        raise VideoError(spath, "video stream has no frames")
-    if declared and len(pts) < declared:
-        raise VideoError(spath, f"truncated: the header lists {declared} frames "
-                                f"but only {len(pts)} can be read")
+        raise VideoError(spath, f"damaged or truncated: {demux_error}" if demux_error
+                         else "video stream has no frames")
     order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
     frame_pts = np.asarray(pts, dtype=np.int64)[order]
     keep = np.concatenate([[True], np.diff(frame_pts) > 0])  # drop duplicate timestamps
@@ -231,6 +245,7 @@ def probe_video(path: "str | os.PathLike") -> VideoInfo:
         start_time=first * tb, time_base=time_base, frame_pts=frame_pts,
         frame_times=frame_times,
         keyframe_times=sorted((k - first) * tb for k in keys),
+        declared_frames=declared, demux_error=demux_error,
         has_audio=any(s.get("codec_type") == "audio" for s in streams),
         streams=stream_list,
     )
