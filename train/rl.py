@@ -35,18 +35,35 @@ think-keeping chat template) plus `lvr_rl.json`: `lvr ask --backend transformers
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from .hints import CLUE_GAP_S, merge_intervals
 from .rewards import RewardWeights, composite_reward
+from ..prep.options import option, override
+from .trainer_kit import (SAVE_PANEL, LossTypeSettings, TrainingRun, TrainingSettings, check_positive, curve_ends, log_curve, prepare,
+                          progress_callbacks, run_record, save_trained, train, training_arguments, without_printer,
+                          world_size, write_record)
 
+DATA_PANEL = "QA items"
+GRPO_PANEL = "GRPO"
+REWARD_PANEL = "Reward"
+ROLLOUT_PANEL = "Rollouts"
 SCHEMA = "lvr.rl/1"
 ROLLOUT_SCHEMA = "lvr.rollout/1"
 RECORD_FILE = "lvr_rl.json"
+TOOL = "lvr rl"
 VLLM_MODES = ("auto", "off", "colocate")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+SCALE_REWARDS = ("group", "batch", "none")
+REWARD_PARTS = ("answer", "localisation", "repeat", "center_distance")
+
+
+class RlError(ValueError):
+    """A usage problem (data, model, settings): one line for the user."""
 
 
 def resolve_vllm_mode(mode: str, *, cpu: bool = False) -> str:
@@ -62,92 +79,91 @@ def resolve_vllm_mode(mode: str, *, cpu: bool = False) -> str:
     import torch
 
     return "colocate" if torch.cuda.is_available() else "off"
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-SCALE_REWARDS = ("group", "batch", "none")
-REWARD_PARTS = ("answer", "localisation", "repeat", "center_distance")
 
 
-class RlError(ValueError):
-    """A usage problem (data, model, settings): one line for the user."""
+@dataclass(kw_only=True)
+class RlSettings(TrainingSettings, LossTypeSettings):
+    """Everything `lvr rl` can be told. Defaults follow LongVideo-R1's RL stage (see TrainingSettings)."""
 
-
-@dataclass
-class RlSettings:
-    """Everything `lvr rl` can be told. Defaults follow LongVideo-R1's RL stage."""
+    error_type: ClassVar[type[Exception]] = RlError
 
     qa: str
-    model: str
-    output: str
     video_dir: str | None = None
     format: str = "auto"
-    max_items: int | None = None
-    clue_gap: float = CLUE_GAP_S
+    max_items: int | None = option(None, "--max-items", min=1, panel=DATA_PANEL, help="Only the first N items.")
+    clue_gap: float = option(CLUE_GAP_S, "--clue-gap", min=0.0, panel=DATA_PANEL,
+                             help="Merge clue intervals less than this many seconds apart.")
     subtitles: bool = True
     # GRPO
-    num_generations: int = 16
-    lr: float = 1e-6
-    beta: float = 1e-4
-    loss_type: str = "grpo"
-    epsilon: float = 0.2
-    scale_rewards: str = "group"
-    num_iterations: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_turns: int = 15
+    num_generations: int = option(16, "--num-generations", "--group-size", panel=GRPO_PANEL,
+                                  help="Rollouts per question (the GRPO group).")
+    lr: float = override(TrainingSettings, "lr", 1e-6)
+    beta: float = option(1e-4, "--beta", "--kl-coef", panel=GRPO_PANEL,
+                         help="KL-loss coefficient (low-variance k3 estimator against the start model); 0 drops the "
+                              "reference model.")
+    loss_type: str = override(LossTypeSettings, "loss_type", "grpo")
+    epsilon: float = option(0.2, "--epsilon", panel=GRPO_PANEL, help="PPO clip range.")
+    scale_rewards: str = option("group", "--scale-rewards", panel=GRPO_PANEL,
+                                help="Divide advantages by the std of the group, the batch, or none.")
+    num_iterations: int = option(1, "--num-iterations", panel=GRPO_PANEL,
+                                 help="Optimisation passes over each batch of rollouts.")
+    temperature: float = 1.0              # --temperature, --max-tokens, --seed: SamplingOptions; --max-invalid:
+    top_p: float = option(1.0, "--top-p", panel=ROLLOUT_PANEL, help="Nucleus sampling.")  # AgentOptions
+    max_turns: int = option(15, "--max-turns", panel=ROLLOUT_PANEL,
+                            help="Model turns per rollout; the last one must answer.")
     max_invalid: int = 3
     max_tokens: int = 2048                # per turn
-    max_completion_length: int = 24576    # a whole rollout after its prompt: turns and tool results
-    batch_size: int = 4                   # completions per device per micro-step
-    grad_accum: int = 4
-    epochs: float = 1.0
-    max_steps: int = -1
-    scheduler: str = "constant"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
+    max_completion_length: int = option(24576, "--max-completion-length", panel=ROLLOUT_PANEL,
+                                        help="Token limit of a whole rollout after its prompt (turns and tool "
+                                             "results).")
+    batch_size: int = override(TrainingSettings, "batch_size", 4)      # completions per device per micro-step
+    grad_accum: int = override(TrainingSettings, "grad_accum", 4)
+    epochs: float = override(TrainingSettings, "epochs", 1.0)
+    scheduler: str = override(TrainingSettings, "scheduler", "constant")
+    warmup_ratio: float = override(TrainingSettings, "warmup_ratio", 0.0)
     max_grad_norm: float = 1.0
     # reward
-    w_answer: float = 1.0
-    w_localisation: float = 1.0
-    w_repeat: float = 0.2
-    w_center_distance: float = 0.0
-    kl_argument_scale: float | None = None   # token-aware KL: scale on node-id tokens (off when None)
+    w_answer: float = option(1.0, "--w-answer", panel=REWARD_PANEL, help="Weight of answer correctness.")
+    w_localisation: float = option(1.0, "--w-localisation", panel=REWARD_PANEL,
+                                   help="Weight of the localisation F1 of get_caption visits vs the clues.")
+    w_repeat: float = option(0.2, "--w-repeat", panel=REWARD_PANEL,
+                             help="Weight of the repeated-call penalty (subtracted).")
+    w_center_distance: float = option(0.0, "--w-center-distance", panel=REWARD_PANEL,
+                                      help="Weight of the LongVTG-R1 center-distance reward (off: 0).")
+    kl_argument_scale: float | None = option(None, "--kl-argument-scale", metavar="S", panel=GRPO_PANEL,
+                                             help="Token-aware KL (LongVTG-R1): scale the KL penalty on the tokens "
+                                                  "of tool-call node ids by S (0 frees them). Off by default.")
     # generation
-    vllm: str = "auto"                       # auto: colocate when vLLM is installed and a GPU is there
-    vllm_gpu_memory_utilization: float = 0.3
-    turn_batch: int | None = None            # most turns sampled in one generate call (None: all waiting)
-    # running
-    bf16: str = "auto"
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    logging_steps: int = 1
-    save_steps: int = 500
-    save_total_limit: int = 1
-    resume: bool = False
-    report_to: str = "none"
-    rollout_log: str | None = None
-    chat_template: str | None = None
-    cpu: bool = False
+    vllm: str = option("auto", "--vllm", panel=ROLLOUT_PANEL,
+                       help="auto (colocate when vLLM is installed and a GPU is there), off (transformers generate "
+                            "on the policy) or colocate (TRL's vLLM engine in each process; needs pip install "
+                            "'lvr[vllm]').")
+    vllm_gpu_memory_utilization: float = option(0.3, "--vllm-gpu-memory-utilization", panel=ROLLOUT_PANEL,
+                                                help="GPU memory share of the colocated vLLM engine.")
+    turn_batch: int | None = option(None, "--turn-batch", panel=ROLLOUT_PANEL,
+                                    help="Most turns sampled in one generate call (default: all waiting).")
+    # running (and the settings every trainer has: TrainingSettings)
+    rollout_log: str | None = option(None, "--rollout-log", metavar="FILE", panel=SAVE_PANEL,
+                                     help="Append every rollout (turns, visits, reward parts, advantage, token ids "
+                                          "and the loss mask of the trained batch) as JSONL.")
 
     def weights(self) -> RewardWeights:
         return RewardWeights(answer=self.w_answer, localisation=self.w_localisation, repeat=self.w_repeat,
                              center_distance=self.w_center_distance)
 
+    def record_extras(self) -> dict:
+        return {"reward_weights": self.weights().to_record(),
+                "kl_estimator": "k3 (low-variance): exp(ref - logp) - (ref - logp) - 1"}
+
     def check(self) -> None:
         """RlError naming the first unusable setting."""
-        positive = {"--num-generations": self.num_generations, "--lr": self.lr, "--max-turns": self.max_turns,
-                    "--max-tokens": self.max_tokens, "--max-completion-length": self.max_completion_length,
-                    "--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--epochs": self.epochs,
-                    "--temperature": self.temperature, "--logging-steps": self.logging_steps,
-                    "--save-steps": self.save_steps, "--save-total-limit": self.save_total_limit,
-                    "--num-iterations": self.num_iterations}
-        for flag, value in positive.items():
-            if not value > 0:
-                raise RlError(f"{flag} must be positive, not {value}")
+        super().check()
+        check_positive({"--num-generations": self.num_generations, "--max-turns": self.max_turns,
+                        "--max-tokens": self.max_tokens, "--max-completion-length": self.max_completion_length,
+                        "--temperature": self.temperature, "--num-iterations": self.num_iterations}, RlError)
         if self.num_generations < 2:
             raise RlError(f"--num-generations must be at least 2 (GRPO compares rollouts within a group), "
                           f"not {self.num_generations}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise RlError(f"--max-steps must be positive, or -1 to train for --epochs (not {self.max_steps})")
         if self.beta < 0:
             raise RlError(f"--beta must not be negative, not {self.beta}")
         if not 0 < self.top_p <= 1:
@@ -175,10 +191,6 @@ class RlSettings:
             raise RlError("reward weights must not be negative (the repeat weight is subtracted)")
         if self.clue_gap < 0:
             raise RlError(f"--clue-gap must not be negative, not {self.clue_gap}")
-        from .sft import BF16_CHOICES
-
-        if str(self.bf16).strip().lower() not in BF16_CHOICES:
-            raise RlError(f"--bf16 must be auto, true or false, not {self.bf16!r}")
 
     def batch_check(self, world_size: int) -> None:
         """The generation batch must hold whole groups."""
@@ -593,68 +605,40 @@ def _trainer_class():
     return LvrGRPOTrainer
 
 
-class _Progress:
-    """One line per logged step on the main process (a TrainerCallback, built lazily)."""
-
-    def __new__(cls, log: Callable[[str], None]):
-        from transformers import TrainerCallback
-
-        class Progress(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if not state.is_world_process_zero or not logs or "reward" not in logs:
-                    return
-                parts = " ".join(f"{p} {logs[f'rewards/{p}']:.3f}" for p in REWARD_PARTS
-                                 if isinstance(logs.get(f"rewards/{p}"), (int, float)))
-                kl = logs.get("kl")
-                log(f"lvr rl: step {state.global_step}/{state.max_steps} reward {logs['reward']:.3f} ({parts}) "
-                    f"turns {logs.get('rollout/turns', 0):.1f} invalid {100 * logs.get('rollout/invalid_turn_share', 0):.0f}%"
-                    + (f" kl {kl:.2e}" if isinstance(kl, (int, float)) else ""))
-
-        return Progress()
+def _step_details(logs: dict) -> str:
+    """Reward and its parts, turns per rollout, the share of invalid turns, the KL."""
+    parts = " ".join(f"{p} {logs[f'rewards/{p}']:.3f}" for p in REWARD_PARTS
+                     if isinstance(logs.get(f"rewards/{p}"), (int, float)))
+    kl = logs.get("kl")
+    return (f"reward {logs['reward']:.3f} ({parts}) turns {logs.get('rollout/turns', 0):.1f} "
+            f"invalid {100 * logs.get('rollout/invalid_turn_share', 0):.0f}%"
+            + (f" kl {kl:.2e}" if isinstance(kl, (int, float)) else ""))
 
 
 @dataclass
-class RlRun:
+class RlRun(TrainingRun):
     settings: RlSettings
     data: RlData
-    trainer: Any
-    tokenizer: Any
-    rollouts: RolloutFunction
-    template: Any
-    bf16: bool
-    resume_from: str | None
+    rollouts: RolloutFunction | None = None
 
 
 def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], None] | None = None,
                   data: RlData | None = None) -> RlRun:
     """Check everything, load the tokenizer, and build the GRPO trainer (no training yet)."""
-    from .sft import _quiet_libraries, check_model, check_output_folder, load_training_tokenizer, resolve_bf16, \
-        world_size
-
     settings.check()
     settings.batch_check(world_size())
-    try:
-        model = check_model(settings.model)
-    except ValueError as e:
-        raise RlError(str(e)) from None
-    data = data if data is not None else load_rl_data(settings)
-    output, resume_from = check_output_folder(settings.output, settings.resume, error=RlError)
     vllm_mode = resolve_vllm_mode(settings.vllm, cpu=settings.cpu)
     if vllm_mode == "colocate":
         try:
             import vllm  # noqa: F401
         except ImportError:
             raise RlError("--vllm colocate needs vLLM: pip install 'lvr[vllm]' (on a CUDA machine)") from None
-
-    _quiet_libraries()
-    import datasets
-    from transformers import PrinterCallback
-    from trl import GRPOConfig
-
-    bf16 = resolve_bf16(settings.bf16, cpu=settings.cpu)
-    tokenizer, template = load_training_tokenizer(model, settings.model, settings.chat_template, need_masks=False,
-                                                  error=RlError)
+    run = prepare(RlRun, settings, data if data is not None else load_rl_data(settings), data_arg="QA",
+                  need_masks=False)  # no assistant-only loss: the env mask picks the trained tokens
+    data, tokenizer = run.data, run.tokenizer
     tokenizer.padding_side = "left"
+    import datasets
+    from trl import GRPOConfig
 
     from ..infer.protocol import STOP_STRINGS
 
@@ -665,16 +649,8 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
                            generation_kwargs={"stop": list(STOP_STRINGS), "include_stop_str_in_output": True,
                                               "max_tokens": settings.max_tokens})
     config = GRPOConfig(
-        output_dir=str(output),
-        learning_rate=settings.lr,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        lr_scheduler_type=settings.scheduler,
-        warmup_steps=settings.warmup_ratio,
-        weight_decay=settings.weight_decay,
+        **training_arguments(settings, run.output, run.bf16),
         max_grad_norm=settings.max_grad_norm,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,
@@ -684,25 +660,10 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
         epsilon=settings.epsilon,
         scale_rewards=settings.scale_rewards,
         num_iterations=settings.num_iterations,
-        bf16=bf16,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        logging_steps=settings.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit,
-        report_to=[] if settings.report_to in ("none", "") else [settings.report_to],
-        use_cpu=settings.cpu,
-        model_init_kwargs={"dtype": "float32", **({"device_map": None} if world_size() > 1 else {})},
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         log_completions=False,
         **vllm_kwargs,
     )
-    rollouts = RolloutFunction(settings, data, nav, cache_dir, tokenizer, log=log)
+    rollouts = run.rollouts = RolloutFunction(settings, data, nav, cache_dir, tokenizer, log=log)
     try:
         rollouts.preflight()
         with config.main_process_first(desc="video trees"):  # the main process segments, the others read the cache
@@ -712,20 +673,18 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
         raise
     train_dataset = datasets.Dataset.from_list([{"prompt": it.key} for it in data.items])
     trainer_cls = _trainer_class()
-    callbacks = [_Progress(log)] if log else []
-    import os
-
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.16
-    trainer = trainer_cls(model=model, reward_funcs=[make_reward_function(settings.weights())], args=config,
-                          train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks,
+    trainer = trainer_cls(model=run.model, reward_funcs=[make_reward_function(settings.weights())], args=config,
+                          train_dataset=train_dataset, processing_class=tokenizer,
+                          callbacks=progress_callbacks(log, TOOL, _step_details, marker="reward"),
                           lvr_rollouts=rollouts, lvr_settings=settings)
-    trainer.remove_callback(PrinterCallback)
     if getattr(trainer, "is_fsdp_enabled", False):
         rollouts.close()
         raise RlError("lvr rl cannot run under FSDP: its rollouts sample turn by turn in each process, and every "
                       "FSDP forward is a collective that the other processes would have to join; use DeepSpeed "
                       "ZeRO-3 (configs/accelerate/zero3.yaml) or plain DDP")
-    return RlRun(settings, data, trainer, tokenizer, rollouts, template, bf16, resume_from)
+    run.trainer = without_printer(trainer)
+    return run
 
 
 # -- training and saving ------------------------------------------------------------------------
@@ -737,73 +696,36 @@ CURVE_KEYS = ("reward", "reward_std", *(f"rewards/{p}" for p in REWARD_PARTS), "
 
 def reward_curve(log_history: list[dict]) -> list[dict]:
     """The logged steps, with the reward, its parts, turns, invalid share and KL."""
-    curve = []
-    for entry in log_history:
-        if "reward" in entry and "step" in entry:
-            point = {"step": entry["step"]}
-            for key in CURVE_KEYS:
-                value = entry.get(key)
-                if isinstance(value, (int, float)):
-                    point[key] = round(float(value), 6) if key != "learning_rate" else float(value)
-            curve.append(point)
-    return curve
+    return log_curve(log_history, {key: key for key in CURVE_KEYS}, marker="reward")
 
 
 def run_rl(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], None] | None = None) -> dict:
     """Train, save the checkpoint (with its chat template) into settings.output, return the lvr_rl.json record."""
-    from .. import __version__
     from ..infer.protocol import load_system_prompt
     from ..prep.captioning import load_system_prompt as load_caption_prompt
-    from ..prep.jsonl import write_atomic
-    from .sft import world_size
 
-    say = log or (lambda _m: None)
     started = time.time()
     run = build_trainer(settings, nav, cache_dir, log=log)
-    trainer, output = run.trainer, Path(settings.output).expanduser()
-    main = trainer.is_world_process_zero()
-    if main:
-        for err in run.data.errors:
-            say(f"lvr rl: skipped: {err}")
-        say(f"lvr rl: {run.data.describe()}; template: {run.template.reason}; group {settings.num_generations}, "
-            f"lr {settings.lr:g}, beta {settings.beta:g}, max turns {settings.max_turns}, "
-            f"generation {'vLLM colocate' if trainer.use_vllm else 'transformers'}, "
-            f"bf16 {'on' if run.bf16 else 'off'}, {world_size()} process(es)")
+    trainer = run.trainer
+    generation = "vLLM colocate" if trainer.use_vllm else "transformers"
+    details = [f"group {settings.num_generations}", f"lr {settings.lr:g}", f"beta {settings.beta:g}",
+               f"max turns {settings.max_turns}", f"generation {generation}"]
     try:
-        train_started = time.time()
-        trainer.train(resume_from_checkpoint=run.resume_from)
-        train_seconds = time.time() - train_started
-        trainer.save_model(str(output))
-        if main:
-            run.tokenizer.save_pretrained(str(output))
-        trainer.accelerator.wait_for_everyone()
+        trained = train(run, log, TOOL, details, [f"skipped: {err}" for err in run.data.errors])
+        save_trained(run)
     finally:
         run.rollouts.close()
         if trainer._lvr_log_file is not None:
             trainer._lvr_log_file.close()
     curve = reward_curve(trainer.state.log_history)
-    record = {
-        "schema": SCHEMA,
-        "model": settings.model,
-        "output": str(output),
-        "data": {"path": run.data.path, "items": len(run.data.items), "skipped": run.data.errors},
-        "template": run.template.to_record(),
-        "settings": {**asdict(settings), "bf16_resolved": run.bf16, "reward_weights": settings.weights().to_record(),
-                     "kl_estimator": "k3 (low-variance): exp(ref - logp) - (ref - logp) - 1"},
-        "navigator": nav.settings(load_system_prompt(nav.system_prompt_file),
-                                  load_caption_prompt(nav.caption_prompt_file), settings.subtitles),
-        "world_size": world_size(),
-        "resumed_from": run.resume_from,
-        "steps": trainer.state.global_step,
-        "first_reward": curve[0]["reward"] if curve else None,
-        "last_reward": curve[-1]["reward"] if curve else None,
-        "curve": curve,
-        "train_seconds": round(train_seconds, 2),
-        "seconds": round(time.time() - started, 2),
-        "producer": {"tool": "lvr rl", "version": __version__},
-    }
-    if main:
-        write_atomic(output / RECORD_FILE, json.dumps(record, indent=1, default=str) + "\n")
+    first_reward, last_reward = curve_ends(curve, "reward")
+    navigator = nav.settings(load_system_prompt(nav.system_prompt_file), load_caption_prompt(nav.caption_prompt_file),
+                             settings.subtitles)
+    record = run_record(
+        run, trained, schema=SCHEMA, tool=TOOL, started=started, head={"navigator": navigator},
+        data={"path": run.data.path, "items": len(run.data.items), "skipped": run.data.errors},
+        results={"first_reward": first_reward, "last_reward": last_reward, "curve": curve})
+    write_record(run, RECORD_FILE, record)
     return record
 
 
