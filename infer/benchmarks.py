@@ -17,7 +17,9 @@ record shapes are read:
   or a directory of them; the answer text is mapped to its letter.
 
 A bad record is named (``file:line: reason``) and skipped while the rest
-load; a file that cannot be read at all raises `EvalFormatError`.
+load; a file that cannot be read at all raises `EvalFormatError`. Reading the
+files and their fields is `lvr.prep.records`; option letters are
+`lvr.prep.lettering`.
 
 `resolve_video` maps the video value of an item (untrusted input) to a file
 inside ``--video-dir`` and refuses anything that would leave it.
@@ -27,10 +29,15 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Sequence
+
+from ..prep.lettering import LETTERS, normalize_options, text_matches
+from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, answer_field, first_records, id_field,
+                            json_records, options_field, parquet_records, read_text, scalar_text, sniff_format,
+                            text_field)
 
 __all__ = [
     "EVAL_FORMATS",
@@ -53,7 +60,6 @@ EVAL_FORMATS = ("auto", "native", "lvbench", "videomme", "mlvu")
 NATIVE_SCHEMA = "lvr.question/1"
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 VIDEOMME_DURATIONS = ("short", "medium", "long")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # MLVU dev: question_type -> the task's folder (the JSON file's stem, and the
 # folder under video/ that holds its videos). 1-7 are multiple choice, 8-9 open.
@@ -71,11 +77,9 @@ MLVU_TASK_FOLDERS = {
     "summary": "9_summary",
 }
 
-STDIO = "-"
-
-
-class EvalFormatError(Exception):
-    """A question file cannot be used, or a video value cannot be resolved. One line."""
+# A question file cannot be used, or a video value cannot be resolved. One line. The same
+# class as the record toolkit's, so `lvr eval`, `synthesize` and `--lint` catch one error.
+EvalFormatError = RecordFileError
 
 
 class VideoNotFoundError(EvalFormatError, FileNotFoundError):
@@ -130,73 +134,6 @@ class EvalItem:
         }
 
 
-class _Skip(ValueError):
-    """A record is unusable; the message is the reason (no file:line yet)."""
-
-
-# ---------------------------------------------------------------- options
-
-# "A. text", "A) text", "(A) text", "[A] text", "A: text" (also full-width colon).
-_LABEL = re.compile(r"^\s*(?:\(([A-Z])\)|\[([A-Z])\]|([A-Z])[.):：])\s*(.*)$", re.DOTALL)
-
-
-def _label(option: str) -> tuple[str, str] | None:
-    m = _LABEL.match(option)
-    if not m:
-        return None
-    return (m.group(1) or m.group(2) or m.group(3)), m.group(4)
-
-
-def normalize_options(options: Sequence[Any]) -> tuple[str, ...]:
-    """Options as ``("A. text", "B. text", ...)``.
-
-    Either every option already carries its letter in order (``"A. x"``,
-    ``"(A) x"``, ``"A) x"`` ...), and the labels are rewritten, or none does,
-    and letters are added. Numbers are written as text. Raises ValueError on
-    empty options, more than 26, or options lettered only in part.
-    """
-    if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
-        raise ValueError("options must be a list of strings")
-    texts = [_scalar_text(o, "option") for o in options]
-    if len(texts) > len(LETTERS):
-        raise ValueError(f"{len(texts)} options; at most {len(LETTERS)}")
-    labels = [_label(t) for t in texts]
-    lettered = [lab is not None and lab[0] == LETTERS[i] for i, lab in enumerate(labels)]
-    if texts and all(lettered):
-        bodies = [lab[1].strip() for lab in labels]  # type: ignore[index]
-    elif lettered and lettered[0]:
-        raise ValueError("options are lettered only in part")
-    else:
-        bodies = [t.strip() for t in texts]
-    for i, body in enumerate(bodies):
-        if not body:
-            raise ValueError(f"option {LETTERS[i]} is empty")
-    return tuple(f"{LETTERS[i]}. {body}" for i, body in enumerate(bodies))
-
-
-def _option_body(option: str) -> str:
-    return option.split(". ", 1)[1] if ". " in option else option
-
-
-def _answer_letter(answer: Any, options: tuple[str, ...]) -> str:
-    """The letter of a multiple-choice answer given as "B", "(B)", "B. text" or the option text."""
-    text = _scalar_text(answer, "answer")
-    letters = LETTERS[: len(options)]
-    if len(text) == 1 and text.upper() in letters:
-        return text.upper()
-    lab = _label(text)
-    if lab and lab[0] in letters and (not lab[1].strip() or lab[1].strip() == _option_body(options[LETTERS.index(lab[0])])):
-        return lab[0]
-    matches = [i for i, o in enumerate(options) if _option_body(o) == text]
-    if not matches:
-        matches = [i for i, o in enumerate(options) if _option_body(o).casefold() == text.casefold()]
-    if len(matches) == 1:
-        return LETTERS[matches[0]]
-    if len(matches) > 1:
-        raise _Skip(f"answer {text!r} matches {len(matches)} options")
-    raise _Skip(f"answer {text!r} is not one of the options {letters[0]}-{letters[-1]}")
-
-
 # LVBench: "question text\n(A) ...\n(B) ...\n(C) ...\n(D) ..."
 _INLINE_OPTION = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
 
@@ -230,137 +167,7 @@ def split_question_options(text: str) -> tuple[str, tuple[str, ...]]:
     return question, normalize_options(bodies)
 
 
-# ---------------------------------------------------------------- small checks
-
-def _scalar_text(value: Any, what: str) -> str:
-    """A string field; ints and floats (MLVU counts) are written as text."""
-    if isinstance(value, bool) or value is None:
-        raise _Skip(f"{what} must be text, got {json.dumps(value)}")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    raise _Skip(f"{what} must be text, got {type(value).__name__}")
-
-
-def _text(rec: dict, key: str, *, required: bool = True) -> str | None:
-    if rec.get(key) is None:
-        if required:
-            raise _Skip(f"missing {key!r}")
-        return None
-    text = _scalar_text(rec[key], repr(key)).strip()
-    if required and not text:
-        raise _Skip(f"{key!r} is empty")
-    return text
-
-
-def _id(value: Any) -> str:
-    text = _scalar_text(value, "id").strip()
-    if not text:
-        raise _Skip("id is empty")
-    return text
-
-
-def _options(value: Any) -> tuple[str, ...]:
-    try:
-        return normalize_options(value)
-    except ValueError as e:
-        raise _Skip(f"options: {e}") from None
-
-
 # ---------------------------------------------------------------- reading files
-
-def _read_text(name: str, stdin: IO[str] | None) -> str:
-    if name == STDIO:
-        return (stdin or sys.stdin).read()
-    try:
-        with open(name, encoding="utf-8") as f:
-            text = f.read()
-    except IsADirectoryError:
-        raise EvalFormatError(f"{name}: is a directory (only the mlvu format reads a directory)") from None
-    except UnicodeDecodeError:
-        raise EvalFormatError(f"{name}: not UTF-8 text") from None
-    except OSError as e:
-        raise EvalFormatError(f"{name}: cannot open ({e.strerror})") from None
-    return text.lstrip("\ufeff")
-
-
-class _Bad:
-    """A record slot that is not a JSON object (JSONL keeps going past it)."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-def _records(name: str, text: str) -> Iterator[tuple[int, Any]]:
-    """(line number, record) from a JSON list or from JSONL text.
-
-    In JSONL a line that is not JSON is yielded as `_Bad` and reading goes on;
-    a JSON list that does not parse cannot be resynchronised and raises.
-    """
-    if text.lstrip().startswith("["):
-        yield from _json_array(name, text)
-        return
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield lineno, _Bad(f"not JSON ({e.msg})")
-
-
-def _json_array(name: str, text: str) -> Iterator[tuple[int, Any]]:
-    """Elements of a top-level JSON array, each with the line it starts on."""
-    decoder = json.JSONDecoder()
-    ws = re.compile(r"[ \t\r\n]*")
-
-    def fail(pos: int, msg: str) -> EvalFormatError:
-        return EvalFormatError(f"{name}:{text.count(chr(10), 0, pos) + 1}: not JSON ({msg})")
-
-    pos = ws.match(text, 0).end() + 1  # past "["
-    pos = ws.match(text, pos).end()
-    if text[pos:pos + 1] == "]":
-        end = ws.match(text, pos + 1).end()
-        if end != len(text):
-            raise fail(end, "extra data after the list")
-        return
-    line, counted = 1, 0
-    while True:
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise fail(e.pos, e.msg) from None
-        yield line, value
-        pos = ws.match(text, pos).end()
-        sep = text[pos:pos + 1]
-        if sep == ",":
-            pos = ws.match(text, pos + 1).end()
-        elif sep == "]":
-            end = ws.match(text, pos + 1).end()
-            if end != len(text):
-                raise fail(end, "extra data after the list")
-            return
-        else:
-            raise fail(pos, "expected ',' or ']' between list items")
-
-
-def _parquet_records(name: str) -> Iterator[tuple[int, Any]]:
-    try:
-        import pyarrow.parquet as pq  # optional: only if it happens to be installed
-    except ImportError:
-        raise EvalFormatError(f"{name}: reading parquet needs pyarrow; install it or convert the file to JSONL") from None
-    try:
-        rows = pq.read_table(name).to_pylist()
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
-        raise EvalFormatError(f"{name}: cannot read parquet ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    for i, row in enumerate(rows, 1):
-        yield i, row
-
 
 def _sniff(rec: dict) -> str | None:
     schema = rec.get("schema")
@@ -375,20 +182,6 @@ def _sniff(rec: dict) -> str | None:
     if "video" in rec and "question" in rec:
         return "native"
     return None
-
-
-def _detect(name: str, records: list[tuple[int, Any]], sniff=None, what: str = "question") -> str:
-    """The format of the first JSON object record, by `sniff` (this module's by default)."""
-    sniff = sniff or _sniff
-    for lineno, rec in records:
-        if isinstance(rec, dict):
-            fmt = sniff(rec)
-            if fmt is None:
-                keys = ", ".join(sorted(map(str, rec))[:8]) or "none"
-                raise EvalFormatError(f"{name}:{lineno}: cannot tell the {what} format from this record "
-                                      f"(keys: {keys}); pass the format explicitly")
-            return fmt
-    raise EvalFormatError(f"{name}: no JSON object records to tell the {what} format from")
 
 
 def _mlvu_files(path: Path) -> list[Path]:
@@ -421,92 +214,51 @@ def detect_format(path: "str | Path") -> str:
         _mlvu_files(p)
         return "mlvu"
     if p.suffix.lower() == ".parquet":
-        return _detect(name, list(_first(_parquet_records(name))))
-    text = _read_text(name, None)
-    return _detect(name, list(_first(_records(name, text), 20)))
-
-
-def _first(it: Iterator[tuple[int, Any]], n: int = 20) -> Iterator[tuple[int, Any]]:
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x
+        return sniff_format(name, list(first_records(parquet_records(name))), _sniff, "question")
+    text = read_text(name)
+    return sniff_format(name, list(first_records(json_records(name, text))), _sniff, "question")
 
 
 # ---------------------------------------------------------------- adapters
 
-class _Collector:
-    """Gathers items and errors, and enforces unique qids across a load."""
-
-    def __init__(self, subtitles: bool | None):
-        self.items: list[EvalItem] = []
-        self.errors: list[str] = []
-        self.subtitles = subtitles
-        self._seen: dict[str, str] = {}
-        self._counts: dict[str, int] = {}
-
-    def next_n(self, key: str) -> int:
-        """1-based running count per video, for ids derived as f"{video}#{n}"."""
-        self._counts[key] = self._counts.get(key, 0) + 1
-        return self._counts[key]
-
-    def error(self, where: str, reason: str) -> None:
-        self.errors.append(f"{where}: {reason}")
-
-    def add(self, where: str, item: EvalItem) -> None:
-        first = self._seen.get(item.qid)
-        if first is not None:
-            self.error(where, f"duplicate id {item.qid!r} (first at {first})")
-            return
-        self._seen[item.qid] = where
-        if self.subtitles is not None and item.subtitles != self.subtitles:
-            item = _replace(item, subtitles=self.subtitles)
-        self.items.append(item)
-
-
-def _replace(item: EvalItem, **changes: Any) -> EvalItem:
-    from dataclasses import replace
-    return replace(item, **changes)
-
-
-def _native(col: _Collector, where: str, rec: dict) -> None:
+def _native(col: Collector, where: str, rec: dict) -> None:
     schema = rec.get("schema", NATIVE_SCHEMA)
     if schema != NATIVE_SCHEMA:
-        raise _Skip(f"schema {schema!r} is not {NATIVE_SCHEMA!r}")
-    video = _text(rec, "video")
+        raise RecordSkip(f"schema {schema!r} is not {NATIVE_SCHEMA!r}")
+    video = text_field(rec, "video")
     n = col.next_n(video)
-    qid = _id(rec["id"]) if rec.get("id") is not None else f"{video}#{n}"
-    question = _text(rec, "question")
+    qid = id_field(rec["id"]) if rec.get("id") is not None else f"{video}#{n}"
+    question = text_field(rec, "question")
     raw = rec.get("options") or []
-    options = _options(raw)
+    options = options_field(raw)
     if options:
-        answer = _answer_letter(rec.get("answer"), options)
+        answer = answer_field(rec.get("answer"), options)
     else:
-        answer = _text(rec, "answer")
+        answer = text_field(rec, "answer")
     category = rec.get("category")
     if isinstance(category, list):
-        category = ", ".join(_scalar_text(c, "category") for c in category) or None
+        category = ", ".join(scalar_text(c, "category") for c in category) or None
     elif category is not None:
-        category = _scalar_text(category, "category").strip() or None
+        category = scalar_text(category, "category").strip() or None
     subtitles = rec.get("subtitles", False)
     if not isinstance(subtitles, bool):
-        raise _Skip(f"'subtitles' must be true or false, got {json.dumps(subtitles)}")
+        raise RecordSkip(f"'subtitles' must be true or false, got {json.dumps(subtitles)}")
     source = rec.get("source", "native")
     if not isinstance(source, str) or not source:
-        raise _Skip("'source' must be a non-empty string")
+        raise RecordSkip("'source' must be a non-empty string")
     extra = rec.get("extra", {})
     if extra is None:
         extra = {}
     if not isinstance(extra, dict):
-        raise _Skip("'extra' must be a JSON object")
+        raise RecordSkip("'extra' must be a JSON object")
     col.add(where, EvalItem(qid, video, question, options, answer, category, subtitles, source, dict(extra)))
 
 
-def _lvbench(col: _Collector, where: str, rec: dict) -> None:
-    key = _text(rec, "key")
+def _lvbench(col: Collector, where: str, rec: dict) -> None:
+    key = text_field(rec, "key")
     qa = rec.get("qa")
     if not isinstance(qa, list):
-        raise _Skip("'qa' must be a list of questions")
+        raise RecordSkip("'qa' must be a list of questions")
     base_extra: dict[str, Any] = {}
     if rec.get("type") is not None:
         base_extra["video_type"] = rec["type"]
@@ -516,82 +268,80 @@ def _lvbench(col: _Collector, where: str, rec: dict) -> None:
         here = f"{where}: qa[{i}]"
         try:
             if not isinstance(q, dict):
-                raise _Skip("not a JSON object")
-            qid = _id(q["uid"]) if q.get("uid") is not None else f"{key}#{i + 1}"
-            text = _text(q, "question")
+                raise RecordSkip("not a JSON object")
+            qid = id_field(q["uid"]) if q.get("uid") is not None else f"{key}#{i + 1}"
+            text = text_field(q, "question")
             try:
                 question, options = split_question_options(text)
             except ValueError as e:
-                raise _Skip(f"question: {e}") from None
-            answer = _answer_letter(q.get("answer"), options)
+                raise RecordSkip(f"question: {e}") from None
+            answer = answer_field(q.get("answer"), options)
             types = q.get("question_type") or []
             if isinstance(types, str):
                 types = [types]
             if not isinstance(types, list):
-                raise _Skip("'question_type' must be a list of strings")
-            types = [_scalar_text(t, "question_type") for t in types]
+                raise RecordSkip("'question_type' must be a list of strings")
+            types = [scalar_text(t, "question_type") for t in types]
             extra = dict(base_extra)
             extra["question_types"] = types
             if q.get("time_reference") is not None:
                 extra["time_reference"] = q["time_reference"]
             item = EvalItem(qid, key, question, options, answer, ", ".join(types) or None,
                             False, "lvbench", extra)
-        except _Skip as e:
+        except RecordSkip as e:
             col.error(here, str(e))
             continue
         col.add(here, item)
 
 
-def _videomme(col: _Collector, where: str, rec: dict, duration: str | None) -> None:
+def _videomme(col: Collector, where: str, rec: dict, duration: str | None) -> None:
     dur = rec.get("duration")
     if duration is not None:
         if dur is None:
-            raise _Skip("missing 'duration' (needed to keep only Video-MME's "
+            raise RecordSkip("missing 'duration' (needed to keep only Video-MME's "
                         f"{duration!r} videos)")
         if dur != duration:
             return  # filtered out, not an error
-    video = _text(rec, "videoID")
+    video = text_field(rec, "videoID")
     n = col.next_n(video)
-    qid = _id(rec["question_id"]) if rec.get("question_id") is not None else f"{video}#{n}"
-    question = _text(rec, "question")
-    options = _options(rec.get("options") or [])
+    qid = id_field(rec["question_id"]) if rec.get("question_id") is not None else f"{video}#{n}"
+    question = text_field(rec, "question")
+    options = options_field(rec.get("options") or [])
     if not options:
-        raise _Skip("missing 'options'")
-    answer = _answer_letter(rec.get("answer"), options)
+        raise RecordSkip("missing 'options'")
+    answer = answer_field(rec.get("answer"), options)
     extra = {k: rec[k] for k in ("duration", "domain", "sub_category", "video_id", "url") if rec.get(k) is not None}
     category = None
     if rec.get("task_type") is not None:
-        category = _scalar_text(rec["task_type"], "task_type").strip() or None
+        category = scalar_text(rec["task_type"], "task_type").strip() or None
     col.add(where, EvalItem(qid, video, question, options, answer, category, False, "videomme", extra))
 
 
-def _mlvu(col: _Collector, where: str, rec: dict, file_task: str | None) -> None:
-    video = _text(rec, "video" if "video" in rec or "video_name" not in rec else "video_name")
+def _mlvu(col: Collector, where: str, rec: dict, file_task: str | None) -> None:
+    video = text_field(rec, "video" if "video" in rec or "video_name" not in rec else "video_name")
     qtype = rec.get("question_type", rec.get("task_type"))
-    qtype = _scalar_text(qtype, "question_type").strip() if qtype is not None else None
+    qtype = scalar_text(qtype, "question_type").strip() if qtype is not None else None
     task = file_task or MLVU_TASK_FOLDERS.get(qtype or "")
     n = col.next_n(f"{task}/{video}")
     if rec.get("question_id") is not None:
-        qid = _id(rec["question_id"])
+        qid = id_field(rec["question_id"])
     else:
         qid = f"{task}/{video}#{n}" if task else f"{video}#{n}"
-    question = _text(rec, "question")
+    question = text_field(rec, "question")
     candidates = rec.get("candidates")
     if candidates:
-        options = _options(candidates)
-        answer_text = _scalar_text(rec.get("answer"), "answer").strip() if rec.get("answer") is not None else ""
+        options = options_field(candidates)
+        answer_text = scalar_text(rec.get("answer"), "answer").strip() if rec.get("answer") is not None else ""
         if not answer_text:
-            raise _Skip("missing 'answer'")
-        hits = [i for i, o in enumerate(options) if _option_body(o) == answer_text]
-        if not hits:
-            hits = [i for i, o in enumerate(options) if _option_body(o).casefold() == answer_text.casefold()]
+            raise RecordSkip("missing 'answer'")
+        hits = text_matches(answer_text, options)
         if len(hits) != 1:
-            raise _Skip(f"answer {answer_text!r} is not exactly one of the candidates" if not hits
-                        else f"answer {answer_text!r} matches {len(hits)} candidates")
-        answer = LETTERS[hits[0]]
+            raise RecordSkip(f"answer {answer_text!r} is not exactly one of the candidates" if not hits
+                             else f"answer {answer_text!r} matches {len(hits)} candidates")
+        answer = hits[0]
     else:
         options = ()
-        answer = _text(rec, "answer")
+        answer = text_field(rec, "answer")
     extra: dict[str, Any] = {}
     if task:
         extra["task"] = task
@@ -624,7 +374,7 @@ def load_eval_items(path: "str | Path", fmt: str = "auto", *, subtitles: bool | 
         raise EvalFormatError(f"Video-MME duration {videomme_duration!r} is not one of "
                               f"{', '.join(VIDEOMME_DURATIONS)}")
     name = str(path)
-    col = _Collector(subtitles)
+    col = Collector()
 
     # (display name, records, task folder for MLVU) per file
     sources: list[tuple[str, list[tuple[int, Any]], str | None]] = []
@@ -633,43 +383,32 @@ def load_eval_items(path: "str | Path", fmt: str = "auto", *, subtitles: bool | 
             raise EvalFormatError(f"{name}: is a directory (only the mlvu format reads a directory)")
         fmt = "mlvu"
         for f in _mlvu_files(Path(name)):
-            sources.append((str(f), list(_records(str(f), _read_text(str(f), None))), _task_from_stem(f.stem)))
+            sources.append((str(f), list(json_records(str(f), read_text(str(f)))), _task_from_stem(f.stem)))
     elif name != STDIO and Path(name).suffix.lower() == ".parquet":
-        sources.append((name, list(_parquet_records(name)), _task_from_stem(Path(name).stem)))
+        sources.append((name, list(parquet_records(name)), _task_from_stem(Path(name).stem)))
     else:
-        text = _read_text(name, stdin)
+        text = read_text(name, stdin)
         stem = None if name == STDIO else _task_from_stem(Path(name).stem)
-        sources.append((name, list(_records(name, text)), stem))
+        sources.append((name, list(json_records(name, text)), stem))
 
     if not any(recs for _, recs, _ in sources):
         return [], []
     if fmt == "auto":
         first_name, first_recs, _ = next(s for s in sources if s[1])
-        fmt = _detect(first_name, first_recs)
+        fmt = sniff_format(first_name, first_recs, _sniff, "question")
     if fmt == "videomme" and subtitles is None:
         raise EvalFormatError(f"{name}: Video-MME needs --subtitles or --no-subtitles")
 
     for fname, recs, task in sources:
+        adapter = {"native": _native, "lvbench": _lvbench,
+                   "videomme": partial(_videomme, duration=videomme_duration),
+                   "mlvu": partial(_mlvu, file_task=task)}[fmt]
         for lineno, rec in recs:
-            where = f"{fname}:{lineno}"
-            if isinstance(rec, _Bad):
-                col.error(where, rec.reason)
-                continue
-            if not isinstance(rec, dict):
-                col.error(where, "not a JSON object")
-                continue
-            try:
-                if fmt == "native":
-                    _native(col, where, rec)
-                elif fmt == "lvbench":
-                    _lvbench(col, where, rec)
-                elif fmt == "videomme":
-                    _videomme(col, where, rec, videomme_duration)
-                else:
-                    _mlvu(col, where, rec, task)
-            except _Skip as e:
-                col.error(where, str(e))
-    return col.items, col.errors
+            col.take(f"{fname}:{lineno}", rec, adapter)
+    items = col.items
+    if subtitles is not None:  # --subtitles / --no-subtitles override every item's own flag
+        items = [i if i.subtitles == subtitles else replace(i, subtitles=subtitles) for i in items]
+    return items, col.errors
 
 
 # ---------------------------------------------------------------- videos

@@ -11,6 +11,10 @@ one ``<tool>...</tool>`` or ``<answer>...</answer>``. Tools are:
 never evaluates anything and never raises. Every breach of the rules maps to a
 `Breach` code and one corrective message, all in `CORRECTIONS` below, so the
 same wording reaches the model from `ask`, `eval`, `synthesize` and `rl`.
+
+Tags and reasoning are read by the rules of `lvr.prep.tags`: an unclosed
+``<think>`` is reasoning to the end of the reply, so no action is ever taken
+from inside reasoning. Option letters are `lvr.prep.lettering`'s.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..prep import tags
 from ..prep.captioning import format_time
+from ..prep.lettering import chosen_letter, normalize_options
+from ..prep.tags import ANSWER, THINK, TOOL
 
 # Bump when the user-message layouts below change: it is part of the prompt hash.
 MESSAGE_LAYOUT_VERSION = "1"
 
-THINK, TOOL, ANSWER = "think", "tool", "answer"
 # Generation stops after a finished action, so a model cannot invent its own tool results.
-STOP_STRINGS = ("</tool>", "</answer>")
+STOP_STRINGS = (tags.closing(TOOL), tags.closing(ANSWER))
 TOOLS = ("get_caption", "video_qa")
 LEVEL_BY_DEPTH = {1: "high", 2: "medium", 3: "low"}
 
@@ -94,15 +100,6 @@ def format_span(start: float, end: float) -> str:
 
 
 # -- the first user message -------------------------------------------------------------
-
-OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def option_letter(option: str) -> str | None:
-    """'B. a cat' -> 'B'."""
-    m = re.match(r"\s*\(?([A-Z])\)?[.):]", option)
-    return m.group(1) if m else None
-
 
 def first_user_message(question: str, options: list[str] | tuple[str, ...], duration: float,
                        high: list[tuple[tuple[int, ...], float, float, str]]) -> str:
@@ -216,7 +213,6 @@ class ParsedTurn:
 
 _MAX_TURN_CHARS = 200_000       # longer replies are judged on their head only
 _MAX_INDEX_DIGITS = 6
-_TAG_RE = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.S | re.I) for name in (THINK, TOOL, ANSWER)}
 _CALL_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\((.*)\)\s*;?\s*$", re.S)
 _NAME_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)")
 _INT_RE = re.compile(rf"\d{{1,{_MAX_INDEX_DIGITS}}}")
@@ -228,9 +224,9 @@ _CALL_IN_ARGS_RE = re.compile(r"[A-Za-z_]\w*\s*\(")
 def complete_stopped_turn(text: str) -> str:
     """Put back the closing tag that a stop string cut off (backends drop the stop text)."""
     lowered = text.lower()
-    opened = max((TOOL, ANSWER), key=lambda name: lowered.rfind(f"<{name}>"))
-    if lowered.rfind(f"<{opened}>") > lowered.rfind(f"</{opened}>"):
-        return text.rstrip() + f"</{opened}>"
+    opened = max((TOOL, ANSWER), key=lambda name: lowered.rfind(tags.opening(name)))
+    if lowered.rfind(tags.opening(opened)) > lowered.rfind(tags.closing(opened)):
+        return text.rstrip() + tags.closing(opened)
     return text
 
 
@@ -359,15 +355,33 @@ def parse_call(text: str, k: int) -> ToolCall | tuple[str, str]:
     return ToolCall(name, node, query.strip() if query else None)
 
 
+def call_node_span(text: str) -> tuple[int, int] | None:
+    """Where the node id of a turn's tool call stands in `text`: (start, end) offsets of e.g. ``(2, 3)``.
+
+    The last ``<tool>`` block outside the reasoning counts, read with `parse_call`'s
+    grammar; None when there is no such block or its node id cannot be read.
+    """
+    spans = tags.block_spans(TOOL, tags.blank_think(text))
+    if not spans:
+        return None
+    start, end = spans[-1]
+    m = _CALL_RE.match(text[start:end])
+    if not m:
+        return None
+    args, offset = m.group(2), start + m.start(2)
+    i = _read_keyword(args, _skip_ws(args, 0))
+    got = _read_tuple(args, i)
+    return (offset + i, offset + got[1]) if got else None
+
+
 def parse_turn(text: str, k: int) -> ParsedTurn:
     """Judge one model turn against the protocol. Never raises, never evaluates."""
     text = (text or "")[:_MAX_TURN_CHARS]
-    thinks = _TAG_RE[THINK].findall(text)
-    think = thinks[0].strip() if thinks else None
+    think = tags.extract(THINK, text)
     # Actions are looked for outside the reasoning, so a think that mentions <tool> is fine.
-    rest = _TAG_RE[THINK].sub(" ", text)
-    tools = _TAG_RE[TOOL].findall(rest)
-    answers = _TAG_RE[ANSWER].findall(rest)
+    rest = tags.strip_think(text)
+    tools = tags.blocks(TOOL, rest)
+    answers = tags.blocks(ANSWER, rest)
 
     def breach(code: str, message: str | None = None) -> ParsedTurn:
         return ParsedTurn(think, breach=code, message=message or correction(code))
@@ -389,32 +403,8 @@ def parse_turn(text: str, k: int) -> ParsedTurn:
 
 # -- answers ----------------------------------------------------------------------------
 
-def extract_choice(answer: str | None, options: list[str] | tuple[str, ...]) -> str | None:
-    """The option letter an answer picks, or None when it picks none (or several).
-
-    Accepts 'B', '(B)', 'B.', 'B. a cat', 'The answer is B', or the option's text.
-    """
-    if not answer or not options:
-        return None
-    letters = [option_letter(o) or OPTION_LETTERS[i] for i, o in enumerate(options)]
-    text = answer.strip()
-
-    def bare(option: str) -> str:
-        return re.sub(r"^\s*\(?[A-Z]\)?[.):]\s*", "", option).strip().lower().rstrip(".")
-
-    # The option's own text first: "A cup." names option B, not option A.
-    lowered = text.lower().rstrip(".")
-    matches = [letters[i] for i, o in enumerate(options) if bare(o) and bare(o) == lowered]
-    if len(matches) == 1:
-        return matches[0]
-    m = re.match(r"^\(?([A-Z])\)?(?:[.):]|$)", text)
-    if m and m.group(1) in letters:
-        return m.group(1)
-    m = re.search(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Z])\)?(?:[.):\s]|$)", text, re.I)
-    if m and m.group(1).upper() in letters:
-        return m.group(1).upper()
-    lone = set(re.findall(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])", text)) & set(letters)
-    return lone.pop() if len(lone) == 1 else None
+# The option letter an answer picks ("B", "(B)", "The answer is B", the option's text ...).
+extract_choice = chosen_letter
 
 
 def _normal_text(text: str) -> str:
@@ -430,16 +420,13 @@ def answer_matches(answer: str | None, choice: str | None, options, reference: s
 
 
 def normalise_options(options) -> tuple[str, ...]:
-    """['a cat', 'a dog'] -> ('A. a cat', 'B. a dog'); options already lettered stay as they are."""
-    out = []
-    for i, o in enumerate(options or ()):
-        o = str(o).strip()
-        out.append(o if option_letter(o) else f"{OPTION_LETTERS[i]}. {o}")
-    return tuple(out)
+    """`lvr ask --option`: ['a cat', 'B. a dog'] -> ('A. a cat', 'B. a dog'); letters are added where
+    missing. ValueError for an empty option or more than 26."""
+    return normalize_options(list(options or ()), fill=True)
 
 
 def merge_reasoning(text: str, reasoning: str | None) -> str:
     """Put reasoning that a server split off (a reasoning parser) back into <think> tags."""
-    if reasoning and not _TAG_RE[THINK].search(text or ""):
-        return f"<think>{reasoning.strip()}</think>\n{(text or '').lstrip()}"
+    if reasoning and not tags.blocks(THINK, text):
+        return f"{tags.wrap(THINK, reasoning.strip())}\n{(text or '').lstrip()}"
     return text or ""

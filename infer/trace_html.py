@@ -26,6 +26,7 @@ import re
 from typing import Any, Iterable
 
 from lvr.prep.frames import FrameStore
+from lvr.prep.lettering import split_label
 from lvr.prep.jsonl import write_atomic
 
 LEVELS = ("high", "medium", "low")
@@ -257,11 +258,6 @@ def _match_visits(turns: list[dict], visits: list[dict]) -> tuple[dict[int, dict
     return by_turn, order_round
 
 
-def _option_letter(option: str) -> str | None:
-    m = re.match(r"\s*\(?([A-Za-z])[.):]", option)
-    return m.group(1).upper() if m else None
-
-
 def _header(trace: dict) -> str:
     video = trace.get("video") if isinstance(trace.get("video"), dict) else {}
     answer = trace.get("answer") if isinstance(trace.get("answer"), dict) else {}
@@ -277,7 +273,8 @@ def _header(trace: dict) -> str:
         parts.append('<ul class="options">')
         for opt in options:
             text = str(opt)
-            letter = _option_letter(text)
+            label = split_label(text)
+            letter = label[0] if label else None
             chosen = choice is not None and (str(choice).strip().upper() == letter or str(choice) == text)
             right = correct_answer is not None and (
                 str(correct_answer).strip().upper() == letter or str(correct_answer).strip() == text.strip())

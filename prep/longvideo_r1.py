@@ -59,11 +59,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .caption_store import CaptionKey, CaptionStore
+from .captioning import CAPTION_SCHEMA
+from .tags import CAPTION, caption_text, wrap
 
-CAPTION_SCHEMA = "lvr.caption/1"
 LEVEL_NAMES = ("high", "medium", "low")
 ENTRY_KEYS = ("segment_id", "level", "caption", "frame_time", "frame_ids")
-TAG_OPEN, TAG_CLOSE = "<caption>", "</caption>"
 REFERENCE_TIME_DECIMALS = 1   # the reference writes round(i / fps, 1)
 MAX_STEM_BYTES = 200          # leaves room for ".json" and a temp suffix under NAME_MAX
 
@@ -90,20 +90,7 @@ def node_id_from_segment(seg: int, depth: int, k: int) -> tuple[int, ...]:
 # -- captions and names -------------------------------------------------------
 
 def wrap_caption(text: str) -> str:
-    return f"{TAG_OPEN}{text.strip()}{TAG_CLOSE}"
-
-
-_TAGGED = re.compile(r"<caption>(.*?)</caption>", re.DOTALL)
-
-
-def caption_text(raw: str) -> str:
-    """The caption inside `<caption>` tags, trimmed; the whole reply when untagged."""
-    s = raw.strip()
-    if s.startswith(TAG_OPEN) and s.endswith(TAG_CLOSE) and TAG_OPEN not in s[len(TAG_OPEN):]:
-        # One outer pair: keep everything inside, even a literal "</caption>".
-        return s[len(TAG_OPEN):-len(TAG_CLOSE)].strip()
-    m = _TAGGED.search(s)
-    return m.group(1).strip() if m else s
+    return wrap(CAPTION, text.strip())
 
 
 _UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')

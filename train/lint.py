@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable
 
-from ..infer.benchmarks import EvalFormatError, _read_text
+from ..infer.benchmarks import EvalFormatError
+from ..prep.records import read_text
 from ..infer.protocol import Breach, answer_matches, correction, extract_choice, format_id, parse_turn
 from .hints import HINT_PREFIX
 
@@ -274,7 +275,7 @@ def lint_file(path_or_dash: "str | Path", *, include_rejected: bool = False,
     if name != "-" and Path(name).is_dir():
         raise LintFileError(f"{name}: is a directory; give a trajectory JSONL file")
     try:
-        text = _read_text(name, stdin)
+        text = read_text(name, stdin)
     except EvalFormatError as e:
         raise LintFileError(str(e)) from None
     return lint_records(text.split("\n"), include_rejected=include_rejected, path=name)

@@ -36,8 +36,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from ..infer.protocol import (OPTION_LETTERS, STOP_STRINGS, answer_matches, complete_stopped_turn, extract_choice,
-                              format_id, merge_reasoning, option_letter, parse_turn)
+from ..infer.protocol import (STOP_STRINGS, answer_matches, complete_stopped_turn, extract_choice, format_id,
+                              merge_reasoning, parse_turn)
+from ..prep.lettering import LETTERS
 from ..prep.models.base import ChatModel, GenerationOptions, ModelError, Usage
 from .hints import HINT_PREFIX
 from .lint import FATAL_CODES, TRAJECTORY_SCHEMA, hint_leaks, lint_trajectory
@@ -189,16 +190,12 @@ def _transcript(prompt: list[dict]) -> str:
     return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in prompt)
 
 
-def _letters(options: list[str]) -> list[str]:
-    return [option_letter(o) or OPTION_LETTERS[i] for i, o in enumerate(options)]
-
-
 def wrong_turn_request(prompt: list[dict], chosen: str, *, kind: str, options: list[str],
                        answer: str) -> list[dict]:
     """The messages asking for a wrong turn at one point of a conversation (the one prompt, defined here)."""
     if kind == "answer":
         if options:
-            wrong = [x for x in _letters(options) if x != answer.strip().upper()]
+            wrong = [x for x in LETTERS[: len(options)] if x != answer.strip().upper()]
             task = (f"The correct answer is {answer}. Write a wrong final turn: reason across the clips to a "
                     f"wrong conclusion and end with <answer>X</answer>, where X is one of {', '.join(wrong)}.")
         else:

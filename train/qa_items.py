@@ -15,8 +15,8 @@ read (see docs/qa_format.md):
 
 A bad record is named (``file:line: reason``) and skipped while the rest load;
 a qid seen twice is an error for the later record. A file that cannot be read
-at all raises `QAFormatError`. The field helpers are the ones `lvr eval` uses
-(`lvr.infer.benchmarks`), so options and answers are read identically.
+at all raises `QAFormatError`. The files and fields are read with the toolkit
+`lvr eval` uses (`lvr.prep.records`), so options and answers are read identically.
 """
 
 from __future__ import annotations
@@ -27,27 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..infer.benchmarks import (
-    NATIVE_SCHEMA as QUESTION_SCHEMA,
-    EvalFormatError,
-    _answer_letter,
-    _Bad,
-    _Collector,
-    _detect,
-    _id,
-    _options,
-    _read_text,
-    _records,
-    _scalar_text,
-    _Skip,
-    _text,
-)
+from ..infer.benchmarks import NATIVE_SCHEMA as QUESTION_SCHEMA, EvalFormatError
+from ..prep.records import (STDIO, Collector, RecordSkip, answer_field, id_field, json_records, options_field,
+                            read_text, scalar_text, sniff_format, text_field)
 
 __all__ = ["QA_FORMATS", "QA_SCHEMA", "QAFormatError", "QAItem", "load_qa_items", "validate_clues"]
 
 QA_FORMATS = ("auto", "native", "cgbench")
 QA_SCHEMA = "lvr.qa/1"
-STDIO = "-"
 
 # A file that cannot be read at all (the same error `lvr eval` raises for question files).
 QAFormatError = EvalFormatError
@@ -138,40 +125,40 @@ def _clues(rec: dict, key: str) -> tuple[tuple[float, float], ...]:
     try:
         return validate_clues(rec.get(key), key)
     except ValueError as e:
-        raise _Skip(str(e)) from None
+        raise RecordSkip(str(e)) from None
 
 
 def _category(value: Any) -> str | None:
     if isinstance(value, list):
-        return ", ".join(_scalar_text(c, "category") for c in value) or None
+        return ", ".join(scalar_text(c, "category") for c in value) or None
     if value is None:
         return None
-    return _scalar_text(value, "category").strip() or None
+    return scalar_text(value, "category").strip() or None
 
 
 # ---------------------------------------------------------------- adapters
 
-def _native(col: _Collector, where: str, rec: dict) -> None:
+def _native(col: Collector, where: str, rec: dict) -> None:
     schema = rec.get("schema", QA_SCHEMA)
     if schema not in (QA_SCHEMA, QUESTION_SCHEMA):
-        raise _Skip(f"schema {schema!r} is neither {QA_SCHEMA!r} nor {QUESTION_SCHEMA!r}")
-    video = _text(rec, "video")
+        raise RecordSkip(f"schema {schema!r} is neither {QA_SCHEMA!r} nor {QUESTION_SCHEMA!r}")
+    video = text_field(rec, "video")
     n = col.next_n(video)
-    qid = _id(rec["id"]) if rec.get("id") is not None else f"{video}#{n}"
-    question = _text(rec, "question")
-    options = _options(rec.get("options") or [])
-    answer = _answer_letter(rec.get("answer"), options) if options else _text(rec, "answer")
+    qid = id_field(rec["id"]) if rec.get("id") is not None else f"{video}#{n}"
+    question = text_field(rec, "question")
+    options = options_field(rec.get("options") or [])
+    answer = answer_field(rec.get("answer"), options) if options else text_field(rec, "answer")
     clues = _clues(rec, "clues")
     source = rec.get("source", "native")
     if not isinstance(source, str) or not source:
-        raise _Skip("'source' must be a non-empty string")
+        raise RecordSkip("'source' must be a non-empty string")
     extra = rec.get("extra") or {}
     if not isinstance(extra, dict):
-        raise _Skip("'extra' must be a JSON object")
+        raise RecordSkip("'extra' must be a JSON object")
     extra = dict(extra)
     if "subtitles" in rec:  # an lvr.question/1 field; kept so nothing is lost
         if not isinstance(rec["subtitles"], bool):
-            raise _Skip(f"'subtitles' must be true or false, got {json.dumps(rec['subtitles'])}")
+            raise RecordSkip(f"'subtitles' must be true or false, got {json.dumps(rec['subtitles'])}")
         extra["subtitles"] = rec["subtitles"]
     col.add(where, QAItem(qid, video, question, options, answer, clues, _category(rec.get("category")),
                           source, extra))
@@ -182,24 +169,24 @@ _CGBENCH_MAPPED = {"video_uid", "qid", "question", "choices", "right_answer", "a
                    "sub_category"}
 
 
-def _cgbench(col: _Collector, where: str, rec: dict) -> None:
-    video = _text(rec, "video_uid")
+def _cgbench(col: Collector, where: str, rec: dict) -> None:
+    video = text_field(rec, "video_uid")
     n = col.next_n(video)
-    qid = _id(rec["qid"]) if rec.get("qid") is not None else f"{video}#{n}"
-    question = _text(rec, "question")
-    options = _options(rec.get("choices") or [])
+    qid = id_field(rec["qid"]) if rec.get("qid") is not None else f"{video}#{n}"
+    question = text_field(rec, "question")
+    options = options_field(rec.get("choices") or [])
     answer_text = rec.get("answer")
     if options:
         # right_answer is the option letter (CG-Bench's MCQ scoring compares it with the
         # predicted letter); `answer` is the right option's text, used when no letter is given.
         if rec.get("right_answer") is not None:
-            answer = _answer_letter(rec["right_answer"], options)
+            answer = answer_field(rec["right_answer"], options)
         elif answer_text is not None:
-            answer = _answer_letter(answer_text, options)
+            answer = answer_field(answer_text, options)
         else:
-            raise _Skip("missing 'right_answer'")
+            raise RecordSkip("missing 'right_answer'")
     else:
-        answer = _text(rec, "answer")
+        answer = text_field(rec, "answer")
     clues = _clues(rec, "clue_intervals")
     extra = {k: v for k, v in rec.items() if k not in _CGBENCH_MAPPED}
     if options and answer_text is not None:
@@ -236,22 +223,12 @@ def load_qa_items(path: "str | Path", fmt: str = "auto", *,
     name = str(path)
     if name != STDIO and Path(name).is_dir():
         raise QAFormatError(f"{name}: is a directory; give a QA file")
-    records = list(_records(name, _read_text(name, stdin)))
+    records = list(json_records(name, read_text(name, stdin)))
     if not records:
         return [], []
     if fmt == "auto":
-        fmt = _detect(name, records, _sniff, "QA")
-    col = _Collector(None)
+        fmt = sniff_format(name, records, _sniff, "QA")
+    col = Collector()
     for lineno, rec in records:
-        where = f"{name}:{lineno}"
-        if isinstance(rec, _Bad):
-            col.error(where, rec.reason)
-            continue
-        if not isinstance(rec, dict):
-            col.error(where, "not a JSON object")
-            continue
-        try:
-            (_native if fmt == "native" else _cgbench)(col, where, rec)
-        except _Skip as e:
-            col.error(where, str(e))
+        col.take(f"{name}:{lineno}", rec, _native if fmt == "native" else _cgbench)
     return col.items, col.errors

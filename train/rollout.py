@@ -39,8 +39,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from ..infer.protocol import STOP_STRINGS
+from ..infer.protocol import STOP_STRINGS, call_node_span
 from ..prep.models.base import Completion, GenerationOptions, Message, ModelError, Usage
+from ..prep.tags import strip_think
 
 MASK_MODEL, MASK_ENV = 1, 0
 
@@ -375,8 +376,9 @@ class TokenRecordingModel:
         head = self.render(messages[: last + 1], False)
         content = _text(messages[last].get("content"))
         pos, anchor = head.rfind(content), content
-        if pos < 0 and "</think>" in content:  # templates that re-format the reasoning keep the action verbatim
-            anchor = content.rsplit("</think>", 1)[1].strip()
+        action = strip_think(content)
+        if pos < 0 and action != content:  # templates that re-format the reasoning keep the action verbatim
+            anchor = action.strip()
             pos = head.rfind(anchor) if anchor else -1
         if pos < 0:
             raise RolloutError("the chat template rewrites the assistant's turn, so the rollout's tokens cannot "
@@ -478,33 +480,29 @@ class LoopThread:
 def argument_token_mask(tokenizer, tokens: Sequence[int]) -> list[int]:
     """1 for the tokens of a sampled turn that spell the node id of its tool call, else 0.
 
-    The call sits at the end of the turn (generation stops at ``</tool>``), so
+    The node id is found by the protocol's own parser (`call_node_span`). The call
+    sits at the end of the turn (generation stops at the tool's closing tag), so
     only a short tail is decoded: each token's character span is measured from
     the end of the text, and tokens overlapping the ``(h, m[, l])`` tuple are
     marked.
     """
-    import re
-
     n = len(tokens)
     mask = [0] * n
     if not n:
         return mask
     full = tokenizer.decode(list(tokens), skip_special_tokens=False)
-    start = full.lower().rfind("<tool>")
-    if start < 0:
+    span = call_node_span(full)
+    if span is None:
         return mask
-    m = re.search(r"[A-Za-z_]\w*\s*\(\s*(?:[A-Za-z_]\w*\s*=\s*)?([(\[][^)\]]*[)\]])", full[start:])
-    if not m:
-        return mask
-    lo, hi = start + m.start(1), start + m.end(1)
-    # Suffix lengths: chars from token i to the end; decode suffixes until the tool tag is covered.
+    lo, hi = span
+    # Suffix lengths: chars from token i to the end; decode suffixes until the node id is covered.
     ends = len(full)
     for i in range(n - 1, -1, -1):
         begin = len(full) - len(tokenizer.decode(list(tokens[i:]), skip_special_tokens=False))
         if begin < hi and ends > lo:
             mask[i] = 1
         ends = begin
-        if begin <= start:
+        if begin <= lo:
             break
     return mask
 

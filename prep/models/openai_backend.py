@@ -41,6 +41,14 @@ def _split_urls(value: list[str] | str | None) -> list[str]:
     return [u.strip().rstrip("/") for u in items if u and u.strip()]
 
 
+def resolve_base_urls(base_urls: list[str] | str | None) -> list[str]:
+    """The endpoints a client talks to: the given ones, else $OPENAI_BASE_URL, else OpenAI's.
+
+    Comma-separated strings are split; blanks and trailing slashes are dropped.
+    """
+    return _split_urls(base_urls) or _split_urls(os.environ.get("OPENAI_BASE_URL")) or [DEFAULT_BASE_URL]
+
+
 def _one_line(text: str, limit: int = _MAX_DETAIL) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -118,7 +126,7 @@ class OpenAIChat:
             raise ValueError("concurrency must be at least 1")
         if max_retries < 0:
             raise ValueError("max_retries must not be negative")
-        urls = _split_urls(base_urls) or _split_urls(os.environ.get("OPENAI_BASE_URL")) or [DEFAULT_BASE_URL]
+        urls = resolve_base_urls(base_urls)
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"base URL must start with http:// or https://: {_one_line(url)!r}")
