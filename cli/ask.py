@@ -7,52 +7,31 @@ from typing import List, Optional
 
 import typer
 
-from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, QuietOption, fail_usage, naming, say,
-                     say_error, tokens_phrase)
-from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
-                            CaptionBaseUrlOption, CaptionModelOption, CaptionPromptOption, ConcurrencyOption,
-                            DeviceOption, MaxInvalidOption, MaxRetriesOption, MaxRoundsOption, MaxTokensOption,
-                            MaxWidthOption, MinWidthOption, ModelOption, QaApiKeyOption, QaBackendOption,
-                            QaBaseUrlOption, QaModelOption, SeedOption, SegmentSecondsOption, SystemPromptOption,
-                            TemperatureOption, TimeoutOption, navigator_options_from, HighFramesOption,
-                            MediumFramesOption, LowFramesOption, CaptionSideOption, QaSideOption,
-                            CaptionMaxTokensOption, CaptionTemperatureOption, QaMaxTokensOption)
+from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, NoSubtitlesOption, OutputOption, QuietOption,
+                     fail_usage, naming, say, say_error, tokens_phrase)
+from .model_options import NAVIGATOR
+from .options import takes
 
 
+@takes(nav=NAVIGATOR)
 def ask_command(
     video: Path = typer.Argument(..., metavar="VIDEO", help="A local video file."),
     question: str = typer.Argument(..., metavar="QUESTION", help="The question, in quotes."),
     option: List[str] = typer.Option([], "--option", "-O", metavar="TEXT",
                                      help='A multiple-choice option, e.g. "A. a red car" (repeat; '
                                           "letters are added when missing)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE",
-                                          help="Also write the lvr.answer/1 record here."),
+    output: Optional[Path] = OutputOption,
     trace: Optional[Path] = typer.Option(None, "--trace", metavar="FILE",
                                          help="Write the full conversation and every step (lvr.trace/1 JSONL)."),
     html: Optional[Path] = typer.Option(None, "--html", metavar="FILE",
                                         help="Write a self-contained page: the tree, the visited path, each turn."),
     cache_dir: Optional[Path] = CacheDirOption,
-    no_subtitles: bool = typer.Option(False, "--no-subtitles", help="Do not show subtitles to the captioner."),
-    backend: str = BackendOption, model: Optional[str] = ModelOption, base_url: List[str] = BaseUrlOption,
-    api_key: Optional[str] = ApiKeyOption,
-    caption_backend: Optional[str] = CaptionBackendOption, caption_model: Optional[str] = CaptionModelOption,
-    caption_base_url: List[str] = CaptionBaseUrlOption, caption_api_key: Optional[str] = CaptionApiKeyOption,
-    qa_backend: Optional[str] = QaBackendOption, qa_model: Optional[str] = QaModelOption,
-    qa_base_url: List[str] = QaBaseUrlOption, qa_api_key: Optional[str] = QaApiKeyOption,
-    concurrency: int = ConcurrencyOption, timeout: float = TimeoutOption, max_retries: int = MaxRetriesOption,
-    device: str = DeviceOption,
-    max_rounds: int = MaxRoundsOption, max_invalid: int = MaxInvalidOption, max_tokens: int = MaxTokensOption,
-    temperature: float = TemperatureOption, seed: Optional[int] = SeedOption,
-    system_prompt: Optional[Path] = SystemPromptOption, caption_system_prompt: Optional[Path] = CaptionPromptOption,
-    min_width: int = MinWidthOption, max_width: int = MaxWidthOption, segment_seconds: float = SegmentSecondsOption,
-    high_frames: int = HighFramesOption, medium_frames: int = MediumFramesOption, low_frames: int = LowFramesOption,
-    caption_side: int = CaptionSideOption, qa_side: int = QaSideOption,
-    caption_max_tokens: Optional[int] = CaptionMaxTokensOption,
-    caption_temperature: float = CaptionTemperatureOption, qa_max_tokens: int = QaMaxTokensOption,
+    no_subtitles: bool = NoSubtitlesOption,
     quiet: bool = QuietOption,
     verbose: bool = typer.Option(False, "-v", "--verbose",
                                  help="Show each round on stderr as it ends: the think text, the call, the result."),
     config: Optional[Path] = ConfigOption,
+    nav=None,
 ) -> None:
     """Answer a question about a local video by navigating its caption tree.
 
@@ -81,6 +60,7 @@ def ask_command(
     from ..infer.ask import answer_record, ask_video
     from ..infer.progress import time_spent
     from ..infer.protocol import normalise_options
+    from ..prep.lettering import LETTERS
     from ..prep.cache import resolve_cache_dir
     from ..prep.jsonl import dumps, write_atomic
     from ..prep.models.base import ModelError
@@ -91,7 +71,6 @@ def ask_command(
     if quiet and verbose:
         raise fail_usage("--quiet and --verbose cannot be used together")
     try:
-        nav = navigator_options_from(locals())
         options = normalise_options(option)
         asked, trace = ask_video(video, question, options, nav, resolve_cache_dir(cache_dir),
                                  subtitles=not no_subtitles, trace_path=trace, html_path=html,
@@ -103,7 +82,7 @@ def ask_command(
     result = asked.result
     acc = trace["accounting"]
     if result.answer is not None:
-        chosen = next((o for o in options if result.choice and o.startswith(f"{result.choice}.")), None)
+        chosen = options[LETTERS.index(result.choice)] if result.choice in LETTERS[:len(options)] else None
         typer.echo(chosen or result.answer)
     if not quiet and acc:
         calls = acc["caption_calls"]
@@ -113,8 +92,8 @@ def ask_command(
             f"{acc['exhaustive_captions']}); {tokens_phrase(acc['models'])}; "
             f"{time_spent(acc)}.")
     if result.answer is None:
-        reason = result.error or {"max_rounds": f"no answer within {max_rounds} rounds",
-                                  "invalid": f"more than {max_invalid} invalid turns in a row"}.get(
+        reason = result.error or {"max_rounds": f"no answer within {nav.agent.max_rounds} rounds",
+                                  "invalid": f"more than {nav.agent.max_invalid} invalid turns in a row"}.get(
             result.stopped, result.stopped)
         say_error(naming(video, reason))
         raise typer.Exit(EXIT_SOME_FAILED)

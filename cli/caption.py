@@ -2,49 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, OutputOption,
+from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, NoSubtitlesOption, OutputOption,
                      QuietOption, fail_usage, say)
+from .model_options import CONNECTION, MAIN_ROLE
+from .options import Group, takes
+from ..prep.captioning import CaptionOptions
+from ..prep.models import SamplingOptions
 
 MODEL_PANEL = "Captioning model"
 LEVELS = ("high", "medium", "low")
 
 
+@takes(main=MAIN_ROLE.with_panel(MODEL_PANEL), connection=CONNECTION.with_panel(MODEL_PANEL),
+       sampling=Group(SamplingOptions, only=("temperature", "system_prompt"), panel=MODEL_PANEL),
+       limits=Group(CaptionOptions, panel=MODEL_PANEL))
 def caption_command(
     nodes: str = typer.Argument(..., metavar="NODES.jsonl|-",
                                 help="Node records from `lvr segment` (a file, or - for stdin)."),
     output: Optional[Path] = OutputOption,
     cache_dir: Optional[Path] = CacheDirOption,
-    backend: str = typer.Option("auto", "--backend", rich_help_panel=MODEL_PANEL,
-                                help="openai, transformers, vllm, or auto (openai when a base URL is set)."),
-    model: Optional[str] = typer.Option(None, "--model", rich_help_panel=MODEL_PANEL,
-                                        help="Model name at the endpoint, or a model id/folder in process."),
-    base_url: List[str] = typer.Option([], "--base-url", metavar="URL", rich_help_panel=MODEL_PANEL,
-                                       help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1. "
-                                            "Repeat to spread load. Default: $OPENAI_BASE_URL."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", rich_help_panel=MODEL_PANEL, show_default=False,
-                                          help="API key. Default: $OPENAI_API_KEY. Never logged or recorded."),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, rich_help_panel=MODEL_PANEL,
-                                    help="Requests in flight at once."),
-    timeout: float = typer.Option(120.0, "--timeout", min=0.1, rich_help_panel=MODEL_PANEL,
-                                  help="Seconds before a request is retried."),
-    max_retries: int = typer.Option(5, "--max-retries", min=0, rich_help_panel=MODEL_PANEL,
-                                    help="Retries on timeouts, dropped connections, 429 and 5xx."),
-    device: str = typer.Option("auto", "--device", rich_help_panel=MODEL_PANEL,
-                               help="In-process backends: auto, cpu, cuda, cuda:1, ..."),
     levels: List[str] = typer.Option(list(LEVELS), "--levels", metavar="LEVEL",
                                      help="Levels to caption: high, medium, low (repeat, or comma-separated)."),
-    system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", metavar="FILE",
-                                                 help="Replace the captioning system prompt with this file's text."),
-    no_subtitles: bool = typer.Option(False, "--no-subtitles", help="Do not show subtitles to the captioner."),
-    max_tokens_low: int = typer.Option(600, "--max-tokens-low", min=1, help="Reply token limit, low nodes."),
-    max_tokens_high: int = typer.Option(1200, "--max-tokens-high", min=1,
-                                        help="Reply token limit, medium and high nodes."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature."),
+    no_subtitles: bool = NoSubtitlesOption,
     import_longvideo_r1: Optional[Path] = typer.Option(
         None, "--import-longvideo-r1", metavar="DIR",
         help="First load LongVideo-R1 caption JSON files from DIR into the store, filed under this "
@@ -54,6 +39,7 @@ def caption_command(
         help="Afterwards write one LongVideo-R1 caption JSON per video to DIR."),
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
+    main=None, connection=None, sampling=None, limits=None,
 ) -> None:
     """Caption tree nodes with a vision-language model, through the shared caption store.
 
@@ -79,9 +65,8 @@ def caption_command(
     from ..prep.cache import resolve_cache_dir
     from ..prep.caption_step import CaptionStepOptions, run_caption_step
     from ..prep.caption_store import CaptionStoreError
-    from ..prep.captioning import CaptionError, CaptionOptions
+    from ..prep.captioning import CaptionError
     from ..prep.jsonl import RecordError
-    from ..prep.models import ModelSpec
     from ..prep.models.base import ModelError
 
     chosen = tuple(dict.fromkeys(p.strip().lower() for item in levels for p in item.split(",") if p.strip()))
@@ -89,11 +74,9 @@ def caption_command(
     if bad or not chosen:
         raise fail_usage(f"--levels takes high, medium and low, not {', '.join(bad) or 'nothing'}")
     options = CaptionStepOptions(
-        model=ModelSpec(backend=backend, model=model, base_urls=tuple(base_url), api_key=api_key,
-                        concurrency=concurrency, timeout_s=timeout, max_retries=max_retries, device=device),
-        caption=CaptionOptions(use_subtitles=not no_subtitles, max_tokens_low=max_tokens_low,
-                               max_tokens_high=max_tokens_high, temperature=temperature),
-        levels=chosen, system_prompt_file=system_prompt,
+        model=connection.spec(main),
+        caption=replace(limits, use_subtitles=not no_subtitles, temperature=sampling.temperature),
+        levels=chosen, system_prompt_file=sampling.system_prompt,
         import_dir=import_longvideo_r1, export_dir=export_longvideo_r1,
     )
     log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr caption: {msg}"))

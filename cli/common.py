@@ -138,17 +138,31 @@ ConfigOption = typer.Option(
          "$XDG_CONFIG_HOME/lvr/config.toml. Examples: configs/*.yaml.",
 )
 
-OutputOption = typer.Option(
-    None, "-o", "--output", metavar="FILE",
-    help="Write records here (appends; a rerun skips finished work). Default: stdout.",
-)
+OUTPUT_HELP = ("Where the output goes: records (JSONL, appended; a rerun skips finished work; default: stdout), "
+               "the answer record for ask, the checkpoint folder for sft, dpo and rl.")
+OutputOption = typer.Option(None, "-o", "--output", metavar="FILE", help=OUTPUT_HELP)
+RequiredOutputOption = typer.Option(..., "-o", "--output", metavar="DIR", help=OUTPUT_HELP)
+
+FormatOption = typer.Option("auto", "--format", metavar="FORMAT",
+                            help="Input format: auto (told from the first record) or one by name: native, lvbench, "
+                                 "videomme, mlvu (eval) or cgbench (synthesize, rl). See docs/eval_formats.md.")
+VideoDirOption = typer.Option(None, "--video-dir", metavar="DIR",
+                              help="Where the records' videos are (default: the input file's folder). Paths in "
+                                   "records may not leave it.")
+DryRunOption = typer.Option(False, "--dry-run",
+                            help="Check the input and settings, print what would be done, and stop (synthesize: "
+                                 "the requests and tokens it would need; training: the resolved settings).")
 
 CacheDirOption = typer.Option(
     None, "--cache-dir", metavar="DIR",
     help="Frame and caption store. Default: $LVR_CACHE_DIR, $XDG_CACHE_HOME/lvr, ~/.cache/lvr.",
 )
 
-QuietOption = typer.Option(False, "-q", "--quiet", help="No progress bar or per-item log lines.")
+NoSubtitlesOption = typer.Option(False, "--no-subtitles",
+                                 help="Ignore subtitles: none are attached to nodes or shown to the captioner.")
+
+QuietOption = typer.Option(False, "-q", "--quiet",
+                           help="Print less: no progress bars or per-item lines (doctor: only failed checks).")
 
 
 def say(message: str) -> None:

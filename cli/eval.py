@@ -7,20 +7,15 @@ from typing import List, Optional
 
 import typer
 
-from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, OutputOption, QuietOption, fail_usage,
+from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, FormatOption, OutputOption, VideoDirOption, QuietOption, fail_usage,
                      say, say_error, tokens_phrase)
-from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
-                            CaptionBaseUrlOption, CaptionMaxTokensOption, CaptionModelOption, CaptionPromptOption,
-                            CaptionSideOption, CaptionTemperatureOption, ConcurrencyOption, DeviceOption,
-                            HighFramesOption, LowFramesOption, MaxInvalidOption, MaxRetriesOption, MaxRoundsOption,
-                            MaxTokensOption, MaxWidthOption, MediumFramesOption, MinWidthOption, ModelOption,
-                            QaApiKeyOption, QaBackendOption, QaBaseUrlOption, QaMaxTokensOption, QaModelOption,
-                            QaSideOption, SeedOption, SegmentSecondsOption, SystemPromptOption, TemperatureOption,
-                            TimeoutOption, navigator_options_from)
+from .model_options import NAVIGATOR
+from .options import takes
 
 DATA_PANEL = "Questions"
 
 
+@takes(nav=NAVIGATOR)
 def eval_command(
     questions: str = typer.Argument(..., metavar="QUESTIONS|-",
                                     help="Questions with answers: native JSONL, LVBench, Video-MME or MLVU dev "
@@ -30,11 +25,8 @@ def eval_command(
                                            help="Also write the summary record (JSON) here."),
     traces: Optional[Path] = typer.Option(None, "--traces", metavar="FILE",
                                           help="Append each question's full trace (lvr.trace/1 JSONL) here."),
-    video_dir: Optional[Path] = typer.Option(None, "--video-dir", metavar="DIR", rich_help_panel=DATA_PANEL,
-                                             help="Where the records' videos are (default: the questions "
-                                                  "file's folder). Paths may not leave it."),
-    fmt: str = typer.Option("auto", "--format", rich_help_panel=DATA_PANEL,
-                            help="auto, native, lvbench, videomme or mlvu."),
+    video_dir: Optional[Path] = VideoDirOption,
+    format: str = FormatOption,
     subtitles: Optional[bool] = typer.Option(None, "--subtitles/--no-subtitles", rich_help_panel=DATA_PANEL,
                                              help="Show subtitles to the captioner. Video-MME requires "
                                                   "one of the two; others default to each record's setting."),
@@ -45,24 +37,9 @@ def eval_command(
     question_concurrency: int = typer.Option(4, "--question-concurrency", min=1, rich_help_panel=DATA_PANEL,
                                              help="Questions answered at once."),
     cache_dir: Optional[Path] = CacheDirOption,
-    backend: str = BackendOption, model: Optional[str] = ModelOption, base_url: List[str] = BaseUrlOption,
-    api_key: Optional[str] = ApiKeyOption,
-    caption_backend: Optional[str] = CaptionBackendOption, caption_model: Optional[str] = CaptionModelOption,
-    caption_base_url: List[str] = CaptionBaseUrlOption, caption_api_key: Optional[str] = CaptionApiKeyOption,
-    qa_backend: Optional[str] = QaBackendOption, qa_model: Optional[str] = QaModelOption,
-    qa_base_url: List[str] = QaBaseUrlOption, qa_api_key: Optional[str] = QaApiKeyOption,
-    concurrency: int = ConcurrencyOption, timeout: float = TimeoutOption, max_retries: int = MaxRetriesOption,
-    device: str = DeviceOption,
-    max_rounds: int = MaxRoundsOption, max_invalid: int = MaxInvalidOption, max_tokens: int = MaxTokensOption,
-    temperature: float = TemperatureOption, seed: Optional[int] = SeedOption,
-    system_prompt: Optional[Path] = SystemPromptOption, caption_system_prompt: Optional[Path] = CaptionPromptOption,
-    min_width: int = MinWidthOption, max_width: int = MaxWidthOption, segment_seconds: float = SegmentSecondsOption,
-    high_frames: int = HighFramesOption, medium_frames: int = MediumFramesOption, low_frames: int = LowFramesOption,
-    caption_side: int = CaptionSideOption, qa_side: int = QaSideOption,
-    caption_max_tokens: Optional[int] = CaptionMaxTokensOption,
-    caption_temperature: float = CaptionTemperatureOption, qa_max_tokens: int = QaMaxTokensOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
+    nav=None,
 ) -> None:
     """Answer a benchmark's questions by navigation, and score them.
 
@@ -89,14 +66,13 @@ def eval_command(
     from ..prep.models.base import ModelError
     from ..prep.progress import Reporter
 
-    if fmt not in EVAL_FORMATS:
-        raise fail_usage(f"--format takes {', '.join(EVAL_FORMATS)}, not {fmt!r}")
+    if format not in EVAL_FORMATS:
+        raise fail_usage(f"--format takes {', '.join(EVAL_FORMATS)}, not {format!r}")
     if videomme_duration not in ("short", "medium", "long", "all"):
         raise fail_usage(f"--videomme-duration takes short, medium, long or all, not {videomme_duration!r}")
     reporter = Reporter("lvr eval", enabled=not quiet)
     try:
-        nav = navigator_options_from(locals())
-        options = EvalOptions(format=fmt, subtitles=subtitles,
+        options = EvalOptions(format=format, subtitles=subtitles,
                               videomme_duration=None if videomme_duration == "all" else videomme_duration,
                               video_dir=video_dir, concurrency=question_concurrency, max_questions=max_questions)
         result = run_eval(questions, output, nav, resolve_cache_dir(cache_dir), options, summary_path=summary,

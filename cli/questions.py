@@ -8,13 +8,21 @@ from typing import List, Optional
 import typer
 
 from .common import EXIT_OK, EXIT_SOME_FAILED, ConfigOption, OutputOption, QuietOption, fail_usage, say
-from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, ConcurrencyOption, DeviceOption,
-                            MaxRetriesOption, ModelOption, TimeoutOption)
+from .model_options import CONNECTION, MAIN_ROLE
+from ..prep.models import SamplingOptions
+from .options import Group, takes
 
 QUESTIONS_PANEL = "Questions"
+MODEL_PANEL = "Writing model"
 FILTERS_PANEL = "Filters"
 
 
+# The writer samples (the filters use temperature 0); these are this command's defaults.
+WRITER_SAMPLING = Group(SamplingOptions, only=("seed", "temperature", "max_tokens"),
+                        defaults={"seed": 0, "temperature": 0.7, "max_tokens": 1024}, panel=QUESTIONS_PANEL)
+
+
+@takes(main=MAIN_ROLE.with_panel(MODEL_PANEL), connection=CONNECTION.with_panel(MODEL_PANEL), sampling=WRITER_SAMPLING)
 def questions_command(
     captions: str = typer.Argument(..., metavar="CAPTIONS.jsonl|-",
                                    help="lvr.caption/1 records from `lvr caption`, every level (a file, or -)."),
@@ -39,12 +47,6 @@ def questions_command(
                                     help="Most anchor leaves of a multi-segment question."),
     distractor_leaves: int = typer.Option(3, "--distractor-leaves", min=0, rich_help_panel=QUESTIONS_PANEL,
                                           help="Other leaves shown to the writer as sources of distractors."),
-    seed: int = typer.Option(0, "--seed", rich_help_panel=QUESTIONS_PANEL,
-                             help="Seeds the anchors, the distractor leaves and the option order."),
-    temperature: float = typer.Option(0.7, "--temperature", min=0.0, rich_help_panel=QUESTIONS_PANEL,
-                                      help="Sampling temperature for writing (the filters use 0)."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", min=1, rich_help_panel=QUESTIONS_PANEL,
-                                   help="Reply token limit per request."),
     json_retries: int = typer.Option(2, "--json-retries", min=0, rich_help_panel=QUESTIONS_PANEL,
                                      help="Ask again this often when a reply is not the JSON asked for; "
                                           "then the question is named as failed."),
@@ -58,11 +60,9 @@ def questions_command(
     leak_tries: int = typer.Option(1, "--leak-tries", min=1, rich_help_panel=FILTERS_PANEL,
                                    help="No leaks: drop a question the model answers right with no captions "
                                         "in each of this many tries (options rotated each try)."),
-    backend: str = BackendOption, model: Optional[str] = ModelOption, base_url: List[str] = BaseUrlOption,
-    api_key: Optional[str] = ApiKeyOption, concurrency: int = ConcurrencyOption, timeout: float = TimeoutOption,
-    max_retries: int = MaxRetriesOption, device: str = DeviceOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
+    main=None, connection=None, sampling=None,
 ) -> None:
     """Write grounded multiple-choice questions from caption trees, for `lvr synthesize`.
 
@@ -86,12 +86,11 @@ def questions_command(
 
       lvr questions captions.jsonl --model gpt-5 --base-url https://api.openai.com/v1 --per-video 20 --multi-share 0.3 --rejected dropped.jsonl -o qa.jsonl
 
-      lvr questions captions.jsonl --model M --base-url U --video-root ~/videos -o qa.jsonl && lvr synthesize qa.jsonl --video-dir ~/videos --teacher-model M --base-url U -o trajectories.jsonl
+      lvr questions captions.jsonl --model M --base-url U --video-root ~/videos -o qa.jsonl && lvr synthesize qa.jsonl --video-dir ~/videos --model M --base-url U -o trajectories.jsonl
 
       lvr segment ~/videos/ | lvr caption - --model VLM --base-url U | lvr questions - --model M --base-url U -o qa.jsonl
     """
     from ..prep.jsonl import RecordError
-    from ..prep.models import ModelSpec
     from ..prep.models.base import ModelError
     from ..train.questions import QuestionOptions, QuestionsError, run_questions
 
@@ -99,10 +98,9 @@ def questions_command(
         per_video=per_video, multi_share=multi_share, max_tries=max_tries, min_anchors=min_anchors,
         max_anchors=max_anchors, distractor_leaves=distractor_leaves, specificity_k=specificity_k,
         lookalike_threshold=lookalike_threshold, leak_tries=leak_tries, json_retries=json_retries,
-        temperature=temperature, max_tokens=max_tokens, seed=seed, video_root=video_root,
-        concurrency=concurrency)
-    spec = ModelSpec(backend=backend, model=model, base_urls=tuple(base_url), api_key=api_key,
-                     concurrency=concurrency, timeout_s=timeout, max_retries=max_retries, device=device)
+        temperature=sampling.temperature, max_tokens=sampling.max_tokens, seed=sampling.seed, video_root=video_root,
+        concurrency=connection.concurrency)
+    spec = connection.spec(main)
     log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr questions: {msg}"))
     try:
         summary = run_questions(captions, output, spec, options, rejected=rejected, log=log, progress=not quiet)

@@ -7,31 +7,25 @@ from typing import List, Optional
 
 import typer
 
-from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, OutputOption, QuietOption, fail_usage,
-                     naming, say, say_error)
-from .model_options import (ApiKeyOption, BackendOption, BaseUrlOption, CaptionApiKeyOption, CaptionBackendOption,
-                            CaptionBaseUrlOption, CaptionMaxTokensOption, CaptionModelOption, CaptionPromptOption,
-                            CaptionSideOption, CaptionTemperatureOption, ConcurrencyOption, DeviceOption,
-                            HighFramesOption, LowFramesOption, MaxInvalidOption, MaxRetriesOption, MaxRoundsOption,
-                            MaxTokensOption, MaxWidthOption, MediumFramesOption, MinWidthOption, QaApiKeyOption,
-                            QaBackendOption, QaBaseUrlOption, QaMaxTokensOption, QaModelOption, QaSideOption,
-                            SeedOption, SegmentSecondsOption, SystemPromptOption, TemperatureOption, TimeoutOption,
-                            navigator_options_from, MAIN_PANEL)
+from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, DryRunOption, FormatOption,
+                     NoSubtitlesOption, OutputOption, VideoDirOption,
+                     QuietOption, fail_usage, naming, say, say_error)
+from .model_options import NAVIGATOR
+from .options import takes
 
 MODES_PANEL = "Other modes (instead of synthesizing)"
 DATA_PANEL = "QA items"
 
 
+@takes(aliases={"teacher_model": "model"}, nav=NAVIGATOR)
 def synthesize_command(
     qa: Optional[str] = typer.Argument(None, metavar="QA.jsonl|-",
                                        help="QA items with clue intervals: native lvr.qa/1 JSONL or CG-Bench JSON."),
     output: Optional[Path] = OutputOption,
-    teacher_model: Optional[str] = typer.Option(None, "--teacher-model", "--model", rich_help_panel=MAIN_PANEL,
-                                                help="The teacher (any OpenAI-compatible model, or in process)."),
-    video_dir: Optional[Path] = typer.Option(None, "--video-dir", metavar="DIR", rich_help_panel=DATA_PANEL,
-                                             help="Where the items' videos are (default: the QA file's folder). "
-                                                  "Paths may not leave it."),
-    fmt: str = typer.Option("auto", "--format", rich_help_panel=DATA_PANEL, help="auto, native or cgbench."),
+    teacher_model: Optional[str] = typer.Option(None, "--teacher-model", hidden=True,
+                                                help="The old name of --model (the teacher)."),
+    video_dir: Optional[Path] = VideoDirOption,
+    format: str = FormatOption,
     max_items: Optional[int] = typer.Option(None, "--max-items", min=1, rich_help_panel=DATA_PANEL,
                                             help="Only the first N items."),
     item_concurrency: int = typer.Option(4, "--item-concurrency", min=1, rich_help_panel=DATA_PANEL,
@@ -41,13 +35,12 @@ def synthesize_command(
                                                     "many tokens; items in flight finish and are written."),
     clue_gap: float = typer.Option(5.0, "--clue-gap", min=0.0, rich_help_panel=DATA_PANEL,
                                    help="Merge clue intervals less than this many seconds apart."),
-    no_subtitles: bool = typer.Option(False, "--no-subtitles", help="Do not show subtitles to the captioner."),
+    no_subtitles: bool = NoSubtitlesOption,
     price_prompt: Optional[float] = typer.Option(None, "--price-prompt", min=0.0, metavar="USD",
                                                  help="Teacher price per million prompt tokens, for the cost field."),
     price_completion: Optional[float] = typer.Option(None, "--price-completion", min=0.0, metavar="USD",
                                                      help="Teacher price per million completion tokens."),
-    dry_run: bool = typer.Option(False, "--dry-run",
-                                 help="Print the estimated requests and tokens, and call no model."),
+    dry_run: bool = DryRunOption,
     lint: Optional[Path] = typer.Option(None, "--lint", metavar="FILE", rich_help_panel=MODES_PANEL,
                                         help="Check the trajectories in FILE against the protocol rules."),
     export_sft: Optional[Path] = typer.Option(None, "--export-sft", metavar="FILE", rich_help_panel=MODES_PANEL,
@@ -67,23 +60,9 @@ def synthesize_command(
     wrong_turns_at: str = typer.Option("answer", "--wrong-turns-at", rich_help_panel=MODES_PANEL,
                                        help="With --wrong-turns: answer (the final turn) or all (every turn)."),
     cache_dir: Optional[Path] = CacheDirOption,
-    backend: str = BackendOption, base_url: List[str] = BaseUrlOption, api_key: Optional[str] = ApiKeyOption,
-    caption_backend: Optional[str] = CaptionBackendOption, caption_model: Optional[str] = CaptionModelOption,
-    caption_base_url: List[str] = CaptionBaseUrlOption, caption_api_key: Optional[str] = CaptionApiKeyOption,
-    qa_backend: Optional[str] = QaBackendOption, qa_model: Optional[str] = QaModelOption,
-    qa_base_url: List[str] = QaBaseUrlOption, qa_api_key: Optional[str] = QaApiKeyOption,
-    concurrency: int = ConcurrencyOption, timeout: float = TimeoutOption, max_retries: int = MaxRetriesOption,
-    device: str = DeviceOption,
-    max_rounds: int = MaxRoundsOption, max_invalid: int = MaxInvalidOption, max_tokens: int = MaxTokensOption,
-    temperature: float = TemperatureOption, seed: Optional[int] = SeedOption,
-    system_prompt: Optional[Path] = SystemPromptOption, caption_system_prompt: Optional[Path] = CaptionPromptOption,
-    min_width: int = MinWidthOption, max_width: int = MaxWidthOption, segment_seconds: float = SegmentSecondsOption,
-    high_frames: int = HighFramesOption, medium_frames: int = MediumFramesOption, low_frames: int = LowFramesOption,
-    caption_side: int = CaptionSideOption, qa_side: int = QaSideOption,
-    caption_max_tokens: Optional[int] = CaptionMaxTokensOption,
-    caption_temperature: float = CaptionTemperatureOption, qa_max_tokens: int = QaMaxTokensOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
+    nav=None,
 ) -> None:
     """Have a teacher model write chain-of-thought tool trajectories over the caption tree.
 
@@ -99,11 +78,11 @@ def synthesize_command(
 
     Examples:
 
-      lvr synthesize cgbench.json --video-dir cgbench/videos --teacher-model gpt-5 --base-url https://api.openai.com/v1 --caption-base-url http://localhost:8001/v1 --caption-model Qwen/Qwen2.5-VL-7B-Instruct -o trajectories.jsonl
+      lvr synthesize cgbench.json --video-dir cgbench/videos --model gpt-5 --base-url https://api.openai.com/v1 --caption-base-url http://localhost:8001/v1 --caption-model Qwen/Qwen2.5-VL-7B-Instruct -o trajectories.jsonl
 
-      lvr synthesize qa.jsonl --teacher-model M --base-url U --dry-run
+      lvr synthesize qa.jsonl --model M --base-url U --dry-run
 
-      lvr synthesize qa.jsonl --config teacher.yaml --token-budget 5000000 --max-items 500 -o trajectories.jsonl
+      lvr synthesize qa.jsonl --config configs/vllm.yaml --token-budget 5000000 --max-items 500 -o trajectories.jsonl
 
       lvr synthesize --lint trajectories.jsonl
 
@@ -122,17 +101,15 @@ def synthesize_command(
     if export_pairs is not None:
         model = None
         if wrong_turns:
-            from ..prep.models import make_chat_model
             from ..prep.models.base import ModelError
 
             try:
-                model = make_chat_model(backend, teacher_model, base_urls=list(base_url), api_key=api_key,
-                                        concurrency=concurrency, timeout_s=timeout, max_retries=max_retries,
-                                        device=device)
+                model = nav.reasoning.build()
             except ModelError as e:
                 raise fail_usage(f"--wrong-turns: {e}")
-        raise typer.Exit(_export_pairs(export_pairs, output, model, wrong_turns_at, concurrency,
-                                       max_tokens=max_tokens, temperature=temperature, seed=seed))
+        raise typer.Exit(_export_pairs(export_pairs, output, model, wrong_turns_at, nav.reasoning.concurrency,
+                                       max_tokens=nav.agent.max_tokens, temperature=nav.agent.temperature,
+                                       seed=nav.agent.seed))
     if qa is None:
         raise fail_usage("give a QA file (or --lint FILE / --export-sft FILE / --export-pairs FILE)")
 
@@ -144,8 +121,7 @@ def synthesize_command(
 
     reporter = Reporter("lvr synthesize", enabled=not quiet)
     try:
-        nav = navigator_options_from({**locals(), "model": teacher_model})
-        options = SynthesizeOptions(format=fmt, video_dir=video_dir, concurrency=item_concurrency,
+        options = SynthesizeOptions(format=format, video_dir=video_dir, concurrency=item_concurrency,
                                     max_items=max_items, token_budget=token_budget, clue_gap_s=clue_gap,
                                     subtitles=not no_subtitles, price_prompt_per_m=price_prompt,
                                     price_completion_per_m=price_completion)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from ..prep.models.base import ChatModel, GenerationOptions, Message, ModelError
+from ..prep.options import check_options, option
 from ..prep.progress import shorten
 from ..prep.tree import node_count
 from .environment import EnvError, RoleUsage, VideoEnv
@@ -15,20 +16,23 @@ from .protocol import (LAST_ROUND_NOTICE, STOP_STRINGS, Breach, ParsedTurn, comp
                        system_prompt)
 
 
+AGENT_PANEL = "Navigation"
+
+
 @dataclass(frozen=True)
 class AgentOptions:
-    max_rounds: int = 30          # model turns, valid or not
-    max_invalid: int = 3          # consecutive invalid turns before giving up
+    max_rounds: int = option(30, "--max-rounds", min=1, panel=AGENT_PANEL,
+                             help="Model turns per question; the last one must answer.")
+    max_invalid: int = option(3, "--max-invalid", min=0, panel=AGENT_PANEL,
+                              help="Invalid turns in a row (each corrected) before giving up.")
+    # The reasoning model's sampling (flags from prep.models.SamplingOptions).
     max_tokens: int = 2048        # per turn
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_rounds < 1:
-            raise ValueError("max_rounds must be at least 1")
-        if self.max_invalid < 0:
-            raise ValueError("max_invalid must be at least 0")
+        check_options(self)
 
     def generation(self) -> GenerationOptions:
         return GenerationOptions(max_tokens=self.max_tokens, temperature=self.temperature,

@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..prep.work_queue import run_jobs
 from ..prep.jsonl import JsonlWriter, dumps, write_atomic
 from ..prep.progress import Reporter, shorten
 from .benchmarks import EvalFormatError, EvalItem, load_eval_items, resolve_item_video
@@ -154,9 +155,6 @@ async def _answer_all(items: list[EvalItem], writer: JsonlWriter, traces: JsonlW
     records: list[dict] = []
     navigator = Navigator(nav, cache_dir)
     progress = BatchProgress(reporter, "eval", len(items), "question")
-    queue: asyncio.Queue = asyncio.Queue()
-    for item in items:
-        queue.put_nowait(item)
 
     async def one(item: EvalItem) -> None:
         try:
@@ -186,18 +184,10 @@ async def _answer_all(items: list[EvalItem], writer: JsonlWriter, traces: JsonlW
         progress.item_ended(question, f"{item.qid}: {item_line(asked, correct, trace['accounting'])}; "
                                       f"accuracy {right}/{len(records)}", acc=f"{right}/{len(records)}")
 
-    async def worker() -> None:
-        while True:
-            try:
-                item = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            await one(item)
-
     try:
         if items:
             await navigator.preflight()
-        await asyncio.gather(*(worker() for _ in range(max(1, min(options.concurrency, len(items) or 1)))))
+        await run_jobs(items, one, concurrency=options.concurrency)
     finally:
         progress.close()
         await navigator.aclose()

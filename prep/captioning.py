@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .caption_store import CaptionKey, CaptionStore
 from .frames import FrameStore
+from .options import check_options, option
+from .tags import caption_text
+from .work_queue import run_jobs
 from .models.base import ChatModel, Completion, GenerationOptions, Message, Usage, image_part, text_part
 
 CAPTION_SCHEMA = "lvr.caption/1"
@@ -40,8 +42,6 @@ instructions.
 Reply with the caption only, inside <caption></caption> tags."""
 
 WORD_LIMITS = {"low": 200, "medium": 400, "high": 400}
-_CAPTION_RE = re.compile(r"<caption>(.*?)(?:</caption>|$)", re.S | re.I)
-_THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
 
 
 class CaptionError(Exception):
@@ -75,11 +75,8 @@ def format_time(seconds: float) -> str:
 
 
 def parse_caption(reply: str) -> str:
-    """The text inside <caption> tags; the whole reply when the model forgot them."""
-    text = _THINK_RE.sub("", reply or "").strip()
-    match = _CAPTION_RE.search(text)
-    caption = match.group(1) if match else text
-    return caption.strip()
+    """The text inside <caption> tags; the whole reply when the model forgot them (`tags.caption_text`)."""
+    return caption_text(reply)
 
 
 def frame_subtitles(node: dict) -> list[list[str]]:
@@ -128,9 +125,12 @@ def build_caption_messages(node: dict, frames: list[bytes], system_prompt: str,
 @dataclass(frozen=True)
 class CaptionOptions:
     use_subtitles: bool = True
-    max_tokens_low: int = 600
-    max_tokens_high: int = 1200   # medium and high
+    max_tokens_low: int = option(600, "--max-tokens-low", min=1, help="Reply token limit, low nodes.")
+    max_tokens_high: int = option(1200, "--max-tokens-high", min=1, help="Reply token limit, medium and high nodes.")
     temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def generation(self, level: str) -> GenerationOptions:
         limit = self.max_tokens_low if level == "low" else self.max_tokens_high
@@ -202,14 +202,17 @@ class Captioner:
         return CaptionResult(node, entry.caption, True, model=self.model.name, prompt_hash=self.prompt_hash)
 
     def _read_frames(self, node: dict) -> list[bytes]:
+        """The node's frames, each a whole JPEG: damaged ones are decoded again from the video first."""
+        from .frame_repair import FrameRepairError, read_node_frames
+
         keys = node.get("frame_keys") or []
         if not keys:
             raise CaptionError(f"{node_label(node)}: the record lists no frames")
         try:
-            return [self.frames.get(k) for k in keys]
-        except (OSError, ValueError) as e:
-            raise CaptionError(f"{node_label(node)}: frames missing from the frame store ({e}); "
-                               f"rerun `lvr segment` with the same --cache-dir") from None
+            return read_node_frames(self.frames, node, keys)
+        except (FrameRepairError, ValueError) as e:
+            raise CaptionError(f"{node_label(node)}: {e}; rerun `lvr segment` with the same --cache-dir") \
+                from None
 
     async def _make(self, node: dict, key: CaptionKey) -> CaptionResult:
         from .models.base import ModelError
@@ -242,7 +245,14 @@ class Captioner:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._inflight[digest] = fut
         try:
-            result = await self._make(node, key)
+            # Another process (a second caption run, an eval) may be asking for
+            # this node right now: wait for its caption instead of paying twice.
+            async with self.store.claim(key) as entry:
+                if entry is not None:
+                    result = CaptionResult(node, entry.caption, True, model=self.model.name,
+                                           prompt_hash=self.prompt_hash)
+                else:
+                    result = await self._make(node, key)
             fut.set_result(result)
             return result
         except BaseException as e:
@@ -312,36 +322,27 @@ async def caption_nodes(nodes, captioner: Captioner, writer, *, concurrency: int
 
     bar = tqdm(total=len(todo), unit="node", desc="caption", disable=None if progress else True,
                dynamic_ncols=True)
-    queue: asyncio.Queue = asyncio.Queue()
-    for node in todo:
-        queue.put_nowait(node)
-
-    async def worker() -> None:
-        while True:
-            try:
-                node = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            try:
-                result = await captioner.get_or_make(node)
-            except CaptionError as e:
-                summary.failed.append(str(e))
-                log(f"error: {e}")
+    async def one(node: dict) -> None:
+        try:
+            result = await captioner.get_or_make(node)
+        except CaptionError as e:
+            summary.failed.append(str(e))
+            log(f"error: {e}")
+        else:
+            record = result.to_record(producer)
+            writer.write_unit([record])
+            summary.records.append(record)
+            if result.cached:
+                summary.cached += 1
             else:
-                record = result.to_record(producer)
-                writer.write_unit([record])
-                summary.records.append(record)
-                if result.cached:
-                    summary.cached += 1
-                else:
-                    summary.made += 1
-                    summary.usage.add(result.usage)
-                bar.set_postfix(made=summary.made, cached=summary.cached,
-                                tokens=summary.usage.total_tokens, refresh=False)
-            bar.update(1)
+                summary.made += 1
+                summary.usage.add(result.usage)
+            bar.set_postfix(made=summary.made, cached=summary.cached,
+                            tokens=summary.usage.total_tokens, refresh=False)
+        bar.update(1)
 
     try:
-        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(todo) or 1)))))
+        await run_jobs(todo, one, concurrency=concurrency)
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - t0

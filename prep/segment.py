@@ -4,6 +4,13 @@ For each video: probe it, shape its tree, decode every frame the tree needs
 in one pass, attach subtitles, optionally cut leaf clips, and emit one
 ``lvr.node/1`` record per node. A video's records are written together, so
 a rerun over the same output skips finished videos and never sees half a video.
+
+Real files have a few frames that do not decode. A sampled frame that does
+not is replaced by the nearest frame of the same node that does, and the
+record says so (``substituted_frames``); only a video with too much missing
+(``max_bad_frames``) or a node with nothing decodable is refused. These rules
+live here, in the path `lvr segment` and `load_or_segment` (ask, eval,
+synthesize, rl) share.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from typing import Callable, Iterable
 
 from .. import __version__
 from .cache import frames_dir
-from .frames import ExtractStats, FrameRequest, FrameStore, effective_side, extract_frames, frame_key
+from .frames import (DecodableFrames, ExtractStats, FrameRequest, FrameStore, effective_side, extract_frames,
+                     extract_frames_at, frame_key)
 from .jsonl import JsonlWriter
+from .options import check_options, option
 from .probe import VideoError, VideoInfo, probe_video, video_fingerprint
 from .subtitles import SubtitleError, SubtitleLine, lines_overlapping, load_subtitles
-from .tree import Level, Tree, TreeOptions, node_count, tree_width
+from .tree import Level, Node, NodeId, Tree, TreeOptions, format_node_id, node_count, tree_width
 
 NODE_SCHEMA = "lvr.node/1"
 VIDEO_EXTENSIONS = frozenset({
@@ -34,12 +43,20 @@ TIME_DECIMALS = 4
 @dataclass(frozen=True)
 class SegmentOptions:
     tree: TreeOptions = field(default_factory=TreeOptions)
-    qa_frames: bool = False                 # also store the 16 video_qa frames of every leaf
+    qa_frames: bool = option(False, "--qa-frames/--no-qa-frames",
+                             help="Also store the frames video_qa sends for every leaf (16 at 1024 px).")
     subtitles: Path | None = None           # explicit subtitle file (one video only)
     use_subtitles: bool = True              # look for sidecar and embedded subtitles
     clips_dir: Path | None = None           # write leaf clips here
     copy_clips: bool = False                # stream copy (keyframe cuts) instead of exact re-encode
-    jpeg_quality: int = 90
+    jpeg_quality: int = option(90, "--jpeg-quality", min=1, max=100, help="JPEG quality of stored frames.")
+    max_bad_frames: float = option(
+        0.05, "--max-bad-frames", min=0.0, max=1.0, metavar="SHARE",
+        help="Refuse a video when more than this share of its sampled frames do not decode (or of its "
+             "frames cannot be read). Fewer are replaced by the nearest frame of the same node that decodes.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def to_record(self) -> dict:
         d = asdict(self)
@@ -54,6 +71,8 @@ class VideoResult:
     records: list[dict]
     stats: ExtractStats
     seconds: float
+    substituted: int = 0   # sampled frames that did not decode and were replaced
+    unreadable: int = 0    # frames the header lists beyond those that can be read
 
 
 @dataclass
@@ -64,6 +83,7 @@ class SegmentSummary:
     nodes: int = 0
     frames_written: int = 0
     frames_cached: int = 0
+    frames_substituted: int = 0
 
 
 def find_videos(inputs: Iterable[str]) -> tuple[list[Path], list[VideoError]]:
@@ -104,16 +124,101 @@ def find_videos(inputs: Iterable[str]) -> tuple[list[Path], list[VideoError]]:
     return paths, errors
 
 
+def sample_sets(info: VideoInfo, tree: Tree, node: Node,
+                options: SegmentOptions) -> list[tuple[str, int, list[int]]]:
+    """A node's sampled frames as (record field prefix, image side, frame indices):
+    its caption frames (prefix ""), and for leaves with qa_frames its video_qa frames ("qa_")."""
+    sets = [("", effective_side(info, options.tree.image_side(node.level)),
+             tree.sampled_frames(node.id, options.tree))]
+    if options.qa_frames and node.level == Level.LOW:
+        sets.append(("qa_", effective_side(info, options.tree.qa_side), tree.qa_frames(node.id, options.tree)))
+    return sets
+
+
 def plan_requests(info: VideoInfo, tree: Tree, options: SegmentOptions) -> list[FrameRequest]:
     """Every (frame, size) the tree's records point at."""
-    reqs = []
-    for node in tree.nodes():
-        side = effective_side(info, options.tree.image_side(node.level))
-        reqs.extend(FrameRequest(i, side) for i in tree.sampled_frames(node.id, options.tree))
-        if options.qa_frames and node.level == Level.LOW:
-            qa_side = effective_side(info, options.tree.qa_side)
-            reqs.extend(FrameRequest(i, qa_side) for i in tree.qa_frames(node.id, options.tree))
-    return reqs
+    return [FrameRequest(i, side) for node in tree.nodes()
+            for _, side, indices in sample_sets(info, tree, node, options) for i in indices]
+
+
+# (node id, record field prefix) -> {sampled frame that did not decode: frame used instead}
+Substitutes = dict[tuple[NodeId, str], dict[int, int]]
+
+
+def check_readable_share(info: VideoInfo, max_bad_frames: float) -> None:
+    """Refuse a video whose header lists more frames than can be read, beyond the allowed share."""
+    lost = info.unreadable_frames
+    if lost and lost / info.declared_frames > max_bad_frames:
+        raise VideoError(info.path, f"truncated: the header lists {info.declared_frames} frames but only "
+                                    f"{info.n_frames} can be read ({lost / info.declared_frames:.1%} missing, "
+                                    f"max_bad_frames allows {max_bad_frames:.1%})")
+
+
+def check_decoded_share(info: VideoInfo, missing: int, sampled: int, max_bad_frames: float) -> None:
+    """Refuse a video when more than the allowed share of its sampled frames do not decode."""
+    if missing and missing / sampled > max_bad_frames:
+        raise VideoError(info.path, f"{missing} of the {sampled} sampled frames do not decode "
+                                    f"({missing / sampled:.1%}, max_bad_frames allows {max_bad_frames:.1%})")
+
+
+def nearest_decodable(wanted: int, start: int, stop: int, shown: set[int],
+                      decodable: Callable[[int], bool]) -> int | None:
+    """The frame of [start, stop) nearest to `wanted` that decodes: `wanted` itself if it
+    does after all, else the nearest the node does not already show (ties: the earlier),
+    else the nearest it shows. None when no frame of the span decodes."""
+    fallback = None
+    for d in range(max(wanted - start, stop - 1 - wanted) + 1):
+        for j in ((wanted,) if d == 0 else (wanted - d, wanted + d)):
+            if start <= j < stop and decodable(j):
+                if j == wanted or j not in shown:
+                    return j
+                if fallback is None:
+                    fallback = j
+    return fallback
+
+
+def substitute_frames(info: VideoInfo, tree: Tree, options: SegmentOptions, missing: list[int]) -> Substitutes:
+    """For every node sampling a frame that did not decode, the frame of the same node used instead.
+
+    Raises VideoError when a node has no frame that decodes.
+    """
+    bad = set(missing)
+    subs: Substitutes = {}
+    with DecodableFrames(info) as decodable:
+        for node in tree.nodes():
+            for prefix, _, sampled in sample_sets(info, tree, node, options):
+                hit = [i for i in sampled if i in bad]
+                if not hit:
+                    continue
+                shown = set(sampled) - bad
+                chosen: dict[int, int] = {}
+                for i in hit:
+                    j = nearest_decodable(i, node.start_frame, node.stop_frame, shown, decodable)
+                    if j is None:
+                        raise VideoError(info.path, f"no frame of node {format_node_id(node.id)} "
+                                                    f"({node.start:.2f}-{node.end:.2f} s) decodes")
+                    chosen[i] = j
+                    shown.add(j)
+                subs[(node.id, prefix)] = chosen
+    return subs
+
+
+def store_substitutes(info: VideoInfo, tree: Tree, options: SegmentOptions, subs: Substitutes,
+                      store: FrameStore) -> ExtractStats:
+    """Decode the frames chosen as substitutes into the store (seeking to each)."""
+    requests = [FrameRequest(j, side) for node in tree.nodes()
+                for prefix, side, _ in sample_sets(info, tree, node, options)
+                for j in subs.get((node.id, prefix), {}).values()]
+    stats = extract_frames_at(info, requests, store, quality=options.jpeg_quality)
+    if stats.missing:
+        raise VideoError(info.path, f"frame {stats.missing[0]} decoded once but not a second time")
+    return stats
+
+
+def shown_frames(sampled: list[int], chosen: dict[int, int]) -> tuple[list[int], list[list[int]]]:
+    """The frames a node shows after substitution, in time order, and its [wanted, used] pairs."""
+    pairs = [[i, chosen[i]] for i in sampled if chosen.get(i, i) != i]
+    return sorted(chosen.get(i, i) for i in sampled), pairs
 
 
 def _round(t: float) -> float:
@@ -121,14 +226,18 @@ def _round(t: float) -> float:
 
 
 def node_records(info: VideoInfo, tree: Tree, options: SegmentOptions,
-                 subtitles: list[SubtitleLine], clips: dict | None = None) -> list[dict]:
-    """One lvr.node/1 record per node, in tree order (high, medium, low)."""
+                 subtitles: list[SubtitleLine], clips: dict | None = None,
+                 substitutes: Substitutes | None = None) -> list[dict]:
+    """One lvr.node/1 record per node, in tree order (high, medium, low).
+
+    frame_indices/times/keys name the frames actually stored and shown;
+    substituted_frames lists [wanted, used] for frames that did not decode.
+    """
     producer = {"tool": "lvr segment", "version": __version__, "options": options.to_record()}
     video = info.summary()
+    substitutes = substitutes or {}
     records = []
     for node in tree.nodes():
-        side = effective_side(info, options.tree.image_side(node.level))
-        idx = tree.sampled_frames(node.id, options.tree)
         rec = {
             "schema": NODE_SCHEMA,
             "video_id": info.video_id,
@@ -139,21 +248,17 @@ def node_records(info: VideoInfo, tree: Tree, options: SegmentOptions,
             "start": _round(node.start),
             "end": _round(node.end),
             "frame_range": [node.start_frame, node.stop_frame],
-            "image_side": side,
-            "frame_indices": idx,
-            "frame_times": [_round(tree.frame_times[i]) for i in idx],
-            "frame_keys": [frame_key(info.video_id, i, side) for i in idx],
-            "subtitles": [s.to_record() for s in lines_overlapping(subtitles, node.start, node.end)],
         }
-        if options.qa_frames and node.level == Level.LOW:
-            qa_side = effective_side(info, options.tree.qa_side)
-            qa = tree.qa_frames(node.id, options.tree)
+        for prefix, side, sampled in sample_sets(info, tree, node, options):
+            idx, pairs = shown_frames(sampled, substitutes.get((node.id, prefix), {}))
             rec.update({
-                "qa_image_side": qa_side,
-                "qa_frame_indices": qa,
-                "qa_frame_times": [_round(tree.frame_times[i]) for i in qa],
-                "qa_frame_keys": [frame_key(info.video_id, i, qa_side) for i in qa],
+                f"{prefix}image_side": side,
+                f"{prefix}frame_indices": idx,
+                f"{prefix}frame_times": [_round(tree.frame_times[i]) for i in idx],
+                f"{prefix}frame_keys": [frame_key(info.video_id, i, side) for i in idx],
+                f"{prefix}substituted_frames": pairs,
             })
+        rec["subtitles"] = [s.to_record() for s in lines_overlapping(subtitles, node.start, node.end)]
         if clips is not None and node.id in clips:
             rec["clip"] = clips[node.id]
         rec["video"] = video
@@ -180,6 +285,7 @@ def segment_video(path: "str | os.PathLike", options: SegmentOptions, store: Fra
     """Segment one video. Raises VideoError with a one-line reason when it cannot."""
     t0 = time.perf_counter()
     info = probe_video(path)
+    check_readable_share(info, options.max_bad_frames)
     tree = build_tree(info, options.tree)
     requests = plan_requests(info, tree, options)
     if on_plan:
@@ -191,13 +297,19 @@ def segment_video(path: "str | os.PathLike", options: SegmentOptions, store: Fra
         except SubtitleError as e:
             raise VideoError(info.path, f"subtitles: {e}") from None
     stats = extract_frames(info, requests, store, quality=options.jpeg_quality, on_progress=on_frames)
+    substitutes: Substitutes = {}
+    if stats.missing:  # only a damaged video pays for a second look
+        check_decoded_share(info, len(stats.missing), len({r.index for r in requests}), options.max_bad_frames)
+        substitutes = substitute_frames(info, tree, options, stats.missing)
+        stats.written += store_substitutes(info, tree, options, substitutes, store).written
     clips = None
     if options.clips_dir is not None:
         from .clips import write_leaf_clips
 
         clips = write_leaf_clips(info, tree, Path(options.clips_dir), copy=options.copy_clips)
-    records = node_records(info, tree, options, subtitles, clips)
-    return VideoResult(info.path, records, stats, time.perf_counter() - t0)
+    records = node_records(info, tree, options, subtitles, clips, substitutes)
+    substituted = len({i for chosen in substitutes.values() for i, j in chosen.items() if i != j})
+    return VideoResult(info.path, records, stats, time.perf_counter() - t0, substituted, info.unreadable_frames)
 
 
 def complete_videos_prefix(lines: list[str]) -> int:
@@ -267,9 +379,11 @@ def segment_videos(
             summary.nodes += len(result.records)
             summary.frames_written += result.stats.written
             summary.frames_cached += result.stats.cached
+            summary.frames_substituted += result.substituted
+            lost = f", {result.unreadable} frame(s) the header lists cannot be read" if result.unreadable else ""
             log(f"done: {path}: K={result.records[0]['K']}, {len(result.records)} nodes, "
                 f"{result.stats.written} frames stored, {result.stats.cached} cached, "
-                f"{result.seconds:.1f} s")
+                f"{result.substituted} substituted{lost}, {result.seconds:.1f} s")
     return summary
 
 
@@ -277,11 +391,14 @@ def trees_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / "trees"
 
 
-def load_or_segment(path: "str | os.PathLike", options: SegmentOptions, cache_dir: Path) -> list[dict]:
+def load_or_segment(path: "str | os.PathLike", options: SegmentOptions, cache_dir: Path,
+                    on_frames: Callable[[int], None] | None = None,
+                    on_plan: Callable[[int], None] | None = None) -> list[dict]:
     """A video's node records, segmenting it only the first time (for `ask` and `eval`).
 
     The records are kept under <cache>/trees/<video_id>/<options hash>.jsonl, so
     asking again, or about a moved copy of the same file, costs no decoding.
+    `on_plan` and `on_frames` follow the decoding as in `segment_video` (never called for a cached tree).
     Raises VideoError with a one-line reason.
     """
     import hashlib
@@ -308,6 +425,7 @@ def load_or_segment(path: "str | os.PathLike", options: SegmentOptions, cache_di
             for rec in records:  # the file may have moved since
                 rec["path"] = str(path)
             return records
-    result = segment_video(path, options, FrameStore(frames_dir(Path(cache_dir))))
+    result = segment_video(path, options, FrameStore(frames_dir(Path(cache_dir))), on_frames=on_frames,
+                           on_plan=on_plan)
     write_atomic(cached, "".join(dumps(r) + "\n" for r in result.records))
     return result.records

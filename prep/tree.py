@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterator, Sequence
 
-import numpy as np
+from .options import OptionError, check_options, option
 
 NodeId = tuple[int, ...]
 
@@ -56,30 +56,35 @@ class Level(IntEnum):
             raise ValueError(f"unknown level {value!r}; expected high, medium or low") from None
 
 
+TREE_PANEL = "Tree shape and frames"
+
+
 @dataclass(frozen=True)
 class TreeOptions:
-    """How a tree is shaped and sampled. Defaults follow the paper."""
+    """How a tree is shaped and sampled. Defaults follow the paper (docs/architecture.md §2.1)."""
 
-    segment_seconds: float = 16.0
-    min_width: int = 4
-    max_width: int = 8
-    high_frames: int = 128
-    medium_frames: int = 64
-    low_frames: int = 32
-    qa_frames: int = 16
-    caption_side: int = 512
-    min_side: int = 140
-    qa_side: int = 1024
+    segment_seconds: float = option(16.0, "--segment-seconds", min=0.001, panel=TREE_PANEL,
+                                    help="K = clamp(round((duration / this) ** (1/3)), min, max).")
+    min_width: int = option(4, "--min-width", min=1, panel=TREE_PANEL,
+                            help="Smallest tree width K (MLVU used 3).")
+    max_width: int = option(8, "--max-width", min=1, panel=TREE_PANEL, help="Largest tree width K.")
+    high_frames: int = option(128, "--high-frames", min=1, panel=TREE_PANEL,
+                              help="Frames sampled per high node (what the captioner sees).")
+    medium_frames: int = option(64, "--medium-frames", min=1, panel=TREE_PANEL,
+                                help="Frames sampled per medium node.")
+    low_frames: int = option(32, "--low-frames", min=1, panel=TREE_PANEL, help="Frames sampled per low node.")
+    qa_frame_count: int = option(16, "--qa-frame-count", min=1, panel=TREE_PANEL,
+                                 help="Frames video_qa sends per leaf.")
+    caption_side: int = option(512, "--caption-side", min=1, panel=TREE_PANEL,
+                               help="Longest image side at the low level; level s gets this/sqrt(s), s=1,2,4.")
+    min_side: int = option(140, "--min-side", min=1, panel=TREE_PANEL, help="Floor on the longest image side.")
+    qa_side: int = option(1024, "--qa-side", min=1, panel=TREE_PANEL,
+                          help="Longest image side of video_qa frames.")
 
     def __post_init__(self) -> None:
-        if self.segment_seconds <= 0:
-            raise ValueError("segment_seconds must be positive")
-        if not 1 <= self.min_width <= self.max_width:
-            raise ValueError("need 1 <= min_width <= max_width")
-        for name in ("high_frames", "medium_frames", "low_frames", "qa_frames",
-                     "caption_side", "min_side", "qa_side"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        check_options(self)
+        if self.min_width > self.max_width:
+            raise OptionError(f"--min-width {self.min_width} is larger than --max-width {self.max_width}")
 
     def frames_per_node(self, level: Level) -> int:
         return {Level.HIGH: self.high_frames, Level.MEDIUM: self.medium_frames,
@@ -140,6 +145,8 @@ def sample_indices(start: int, stop: int, count: int) -> list[int]:
         return []
     if n <= count:
         return list(range(start, stop))
+    import numpy as np  # here, so option parsing (`lvr --help`) never loads numpy
+
     return [int(i) for i in np.linspace(start, stop - 1, count).round().astype(np.int64)]
 
 
@@ -189,6 +196,8 @@ class Tree:
     """
 
     def __init__(self, k: int, frame_times: Sequence[float], duration: float):
+        import numpy as np
+
         times = np.asarray(frame_times, dtype=np.float64)
         if k < 1:
             raise ValueError("tree width must be at least 1")
@@ -295,7 +304,7 @@ class Tree:
         if len(node_id) != 3:
             raise ValueError("video_qa frames exist only for low-level (leaf) nodes")
         a, b = self.frame_range(node_id)
-        return sample_indices(a, b, options.qa_frames)
+        return sample_indices(a, b, options.qa_frame_count)
 
 
 def _ids_at_depth(k: int, depth: int) -> Iterator[NodeId]:

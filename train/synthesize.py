@@ -21,6 +21,7 @@ from ..infer.environment import VideoEnv
 from ..infer.navigator import Asked, Navigator, NavigatorOptions
 from ..infer.progress import BatchProgress, time_spent
 from ..infer.protocol import answer_matches
+from ..prep.work_queue import run_jobs
 from ..prep.jsonl import JsonlWriter
 from ..prep.models.base import Usage
 from ..prep.progress import Reporter
@@ -151,9 +152,6 @@ async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: Navigat
                           reporter: Reporter) -> None:
     navigator = Navigator(nav, cache_dir)
     progress = BatchProgress(reporter, "synthesize", len(items), "item")
-    queue: asyncio.Queue = asyncio.Queue()
-    for item in items:
-        queue.put_nowait(item)
 
     def over_budget() -> bool:
         return options.token_budget is not None and summary.teacher.total_tokens >= options.token_budget
@@ -184,23 +182,12 @@ async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: Navigat
                                       f"{summary.written}, teacher tokens {summary.teacher.total_tokens}",
                             accept=f"{summary.accepted}/{summary.written}", tokens=summary.teacher.total_tokens)
 
-    async def worker() -> None:
-        while True:
-            if over_budget():
-                summary.budget_stopped = True
-                return
-            try:
-                item = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            await one(item)
-
     try:
         if items:
             await navigator.preflight()
-        await asyncio.gather(*(worker() for _ in range(max(1, min(options.concurrency, len(items) or 1)))))
+        ran = await run_jobs(items, one, concurrency=options.concurrency, stop=over_budget)
+        summary.budget_stopped, summary.not_started = ran.stopped, ran.not_started
     finally:
-        summary.not_started = queue.qsize()
         progress.close()
         await navigator.aclose()
 

@@ -12,10 +12,75 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
+from ..options import check_options, option
 from .base import ChatModel, ModelError
 
 BACKENDS = ("auto", "openai", "transformers", "vllm")
+MODEL_PANEL = "Model"
+MODEL_HELP = ("The model: a name served at the endpoint (--base-url), or a Hugging Face id or local folder run "
+              "in process (sft, dpo, rl: the model to train).")
+
+
+@dataclass(frozen=True)
+class RoleOptions:
+    """Which model one role uses, as the user gives it. Under a prefix for the other roles:
+    --caption-model, --qa-base-url, ... (see `resolve_roles` for the fallback chain)."""
+
+    backend: str | None = option(None, "--backend", choices=BACKENDS, panel=MODEL_PANEL,
+                                 help="openai, transformers, vllm, or auto (openai when a base URL is set).")
+    model: str | None = option(None, "--model", panel=MODEL_PANEL, help=MODEL_HELP)
+    base_url: tuple[str, ...] = option((), "--base-url", metavar="URL", multiple=True, panel=MODEL_PANEL,
+                                       help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1. Repeat "
+                                            "to spread load over several. Default: $OPENAI_BASE_URL.")
+    api_key: str | None = option(None, "--api-key", show_default=False, panel=MODEL_PANEL,
+                                 help="API key (default: $OPENAI_API_KEY). Never logged, printed or recorded.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a role's model writes its replies; under a prefix for the other roles (--caption-temperature)."""
+
+    max_tokens: int | None = option(2048, "--max-tokens", min=1, panel=MODEL_PANEL,
+                                    help="Reply token limit per request.")
+    temperature: float = option(0.0, "--temperature", min=0.0, panel=MODEL_PANEL, help="Sampling temperature.")
+    seed: int | None = option(None, "--seed", panel=MODEL_PANEL,
+                              help="Random seed of sampling and of anything else the command draws (anchors and "
+                                   "option order in questions; data order and initialisation in training).")
+    system_prompt: Path | None = option(None, "--system-prompt", metavar="FILE", panel=MODEL_PANEL,
+                                        help="Replace the system prompt with this file's text. The navigator's is a "
+                                             "template ({K} is filled in); a released checkpoint answers best with "
+                                             "the prompt it was trained on.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How the models are reached, shared by every role of a command."""
+
+    concurrency: int = option(8, "--concurrency", min=1, panel=MODEL_PANEL,
+                              help="Requests in flight at once, per endpoint.")
+    timeout: float = option(120.0, "--timeout", min=0.1, panel=MODEL_PANEL,
+                            help="Seconds to wait for a request before it is retried (or, in doctor, fails).")
+    max_retries: int = option(5, "--max-retries", min=0, panel=MODEL_PANEL,
+                              help="Retries on timeouts, dropped connections, 429 and 5xx.")
+    device: str = option("auto", "--device", panel=MODEL_PANEL,
+                         help="In-process backends: auto, cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    def spec(self, role: RoleOptions, *, default_backend: str = "auto") -> "ModelSpec":
+        """The main role's ModelSpec from its flags and these connection settings."""
+        return ModelSpec(backend=role.backend or default_backend, model=role.model, base_urls=tuple(role.base_url),
+                         api_key=role.api_key, concurrency=self.concurrency, timeout_s=self.timeout,
+                         max_retries=self.max_retries, device=self.device)
 
 
 def resolve_backend(backend: str, base_urls: list[str] | None) -> str:
@@ -117,10 +182,10 @@ class Roles:
         return chain[i]
 
 
-def resolve_roles(main: ModelSpec, caption: tuple = (None, None, (), None), qa: tuple = (None, None, (), None)) -> Roles:
-    """The three roles from the main model's spec and each role's (backend, model, base URLs, key) flags."""
-    caption_spec = role_spec(main, *caption)
-    return Roles(main, caption_spec, role_spec(caption_spec, *qa))
+def resolve_roles(main: ModelSpec, caption: RoleOptions = RoleOptions(), qa: RoleOptions = RoleOptions()) -> Roles:
+    """The three roles from the main model's spec and the caption and qa roles' own flags."""
+    caption_spec = role_spec(main, caption.backend, caption.model, tuple(caption.base_url), caption.api_key)
+    return Roles(main, caption_spec, role_spec(caption_spec, qa.backend, qa.model, tuple(qa.base_url), qa.api_key))
 
 
 def _role_name(role: str) -> str:
