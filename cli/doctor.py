@@ -7,54 +7,31 @@ from typing import List, Optional
 
 import typer
 
-from .common import EXIT_OK, EXIT_SOME_FAILED, ConfigOption, fail_usage
+from ..prep.models import ConnectionOptions, RoleOptions
+from .common import EXIT_OK, EXIT_SOME_FAILED, ConfigOption, QuietOption
+from .model_options import MAIN_ROLE
+from .options import Group, takes
 
 MODEL_PANEL = "Main model"
 CAPTION_PANEL = "Captioning model (default: the main model)"
 QA_PANEL = "video_qa model (default: the captioning model)"
+# A preflight should answer quickly: 30 s per request instead of a run's 120 s.
+DOCTOR_CONNECTION = Group(ConnectionOptions, only=("timeout", "device"), defaults={"timeout": 30.0}, panel=MODEL_PANEL)
 
 
-def _role_options(prefix: str, panel: str, what: str):
-    backend = typer.Option(None, f"--{prefix}-backend", rich_help_panel=panel,
-                           help=f"Backend of the {what}: openai, transformers, vllm or auto.")
-    model = typer.Option(None, f"--{prefix}-model", rich_help_panel=panel,
-                         help=f"The {what}: a name at the endpoint, or a model id/folder in process.")
-    base_url = typer.Option([], f"--{prefix}-base-url", metavar="URL", rich_help_panel=panel,
-                            help=f"Endpoint of the {what} (repeat for several).")
-    return backend, model, base_url
-
-
-_CAP = _role_options("caption", CAPTION_PANEL, "captioner")
-_QA = _role_options("qa", QA_PANEL, "video_qa model")
-
-
+@takes(main=MAIN_ROLE.with_panel(MODEL_PANEL), connection=DOCTOR_CONNECTION,
+       caption=Group(RoleOptions, prefix="caption", exclude=("api_key",), panel=CAPTION_PANEL),
+       qa=Group(RoleOptions, prefix="qa", exclude=("api_key",), panel=QA_PANEL))
 def doctor_command(
-    backend: str = typer.Option("auto", "--backend", rich_help_panel=MODEL_PANEL,
-                                help="openai, transformers, vllm, or auto (openai when a base URL is set)."),
-    model: Optional[str] = typer.Option(None, "--model", rich_help_panel=MODEL_PANEL,
-                                        help="Model name at the endpoint, or a model id/folder in process."),
-    base_url: List[str] = typer.Option([], "--base-url", metavar="URL", rich_help_panel=MODEL_PANEL,
-                                       help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1. "
-                                            "Repeat for several; each is checked. Default: $OPENAI_BASE_URL."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", rich_help_panel=MODEL_PANEL, show_default=False,
-                                          help="API key. Default: $OPENAI_API_KEY. Never printed."),
-    device: str = typer.Option("auto", "--device", rich_help_panel=MODEL_PANEL,
-                               help="In-process backends: auto, cpu, cuda, cuda:1, ..."),
-    caption_backend: Optional[str] = _CAP[0],
-    caption_model: Optional[str] = _CAP[1],
-    caption_base_url: List[str] = _CAP[2],
-    qa_backend: Optional[str] = _QA[0],
-    qa_model: Optional[str] = _QA[1],
-    qa_base_url: List[str] = _QA[2],
     images: int = typer.Option(16, "--images", min=1, metavar="N",
                                help="Images in the test request. video_qa sends 16; captioning sends "
                                     "32/64/128 for low/medium/high nodes."),
     text_only: bool = typer.Option(False, "--text-only",
                                    help="The main model is text-only (a navigator): skip its image check. "
                                         "Caption and video_qa models are always checked with images."),
-    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait for each request."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only failed checks and their fixes."),
+    quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
+    main=None, connection=None, caption=None, qa=None,
 ) -> None:
     """Check that tools and models are ready, and say what to fix.
 
@@ -83,22 +60,17 @@ def doctor_command(
 
       lvr doctor --config run.yaml
     """
-    from ..prep.doctor import run_doctor
-    from ..prep.models import BACKENDS, ModelSpec, resolve_roles
+    from ..infer.doctor import run_doctor
+    from ..prep.models import ModelSpec, resolve_roles
 
-    for flag, value in (("--backend", backend), ("--caption-backend", caption_backend),
-                        ("--qa-backend", qa_backend)):
-        if value is not None and value not in BACKENDS:
-            raise fail_usage(f"{flag} takes {', '.join(BACKENDS)}, not {value!r}")
-
-    common = dict(api_key=api_key, timeout_s=timeout, max_retries=1, device=device, concurrency=1)
+    common = dict(timeout_s=connection.timeout, max_retries=1, device=connection.device, concurrency=1)
     # The same fallback chain as ask, eval and synthesize: caption <- main, qa <- caption.
-    resolved = resolve_roles(ModelSpec(backend=backend, model=model, base_urls=tuple(base_url), **common),
-                             (caption_backend, caption_model, tuple(caption_base_url), None),
-                             (qa_backend, qa_model, tuple(qa_base_url), None))
-    given = {"main": bool(model or base_url),
-             "caption": bool(caption_backend or caption_model or caption_base_url),
-             "qa": bool(qa_backend or qa_model or qa_base_url)}
+    resolved = resolve_roles(ModelSpec(backend=main.backend or "auto", model=main.model,
+                                       base_urls=tuple(main.base_url), api_key=main.api_key, **common),
+                             caption, qa)
+    given = {"main": bool(main.model or main.base_url),
+             "caption": bool(caption.backend or caption.model or caption.base_url),
+             "qa": bool(qa.backend or qa.model or qa.base_url)}
     roles: dict[str, ModelSpec] = {role: spec for role, (_, spec) in zip(given, resolved.items()) if given[role]}
     vision_roles = [r for r in roles if r != "main" or not text_only]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import io
 import json
 import os
 import re
@@ -23,8 +22,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
-from .models import ModelSpec, resolve_backend
-from .models.base import GenerationOptions, ModelError, image_part, probe_images, text_part
+from ..prep.models import ModelSpec, resolve_backend
+from ..prep.models.base import GenerationOptions, ModelError, image_part, probe_images, text_part
 
 FFMPEG_FIX = ("install ffmpeg (it brings ffprobe): apt-get install -y ffmpeg, brew install ffmpeg, "
               "or conda install -c conda-forge ffmpeg")
@@ -208,7 +207,7 @@ def _key_sent(spec: ModelSpec) -> bool:
 
 async def check_endpoint(role: str, spec: ModelSpec, *, images: int = 16, vision: bool = True) -> list[Check]:
     """Check each of the spec's base URLs on its own: reachable, serves the model, text, images."""
-    from .models.openai_backend import OpenAIChat
+    from ..prep.models.openai_backend import OpenAIChat
 
     bad = [u.strip() for u in spec.base_urls if u.strip() and not u.strip().startswith(("http://", "https://"))]
     if bad:
@@ -231,7 +230,7 @@ def _answered(error: str, url: str) -> bool:
 
 
 async def _check_url(role: str, spec: ModelSpec, url: str, images: int, vision: bool) -> list[Check]:
-    from .models.openai_backend import OpenAIChat
+    from ..prep.models.openai_backend import OpenAIChat
 
     model = spec.model or ""
     chat = OpenAIChat(model or "-", [url], spec.api_key, concurrency=1, timeout_s=spec.timeout_s,
@@ -371,7 +370,7 @@ def _files_check(name: str, folder: Path, vision: bool) -> Check:
 
 
 def _hf_model_checks(role: str, kind: str, model: str, vision: bool) -> list[Check]:
-    from .models.locate import ModelNotFound, locate_model
+    from ..prep.models.locate import ModelNotFound, locate_model
 
     name = f"{role} {kind} model {model!r}"
     try:
@@ -468,10 +467,9 @@ def check_local_model(role: str, spec: ModelSpec, *, vision: bool = True) -> lis
 
 
 def _resolved_urls(spec: ModelSpec) -> tuple[str, ...]:
-    from .models.openai_backend import DEFAULT_BASE_URL, _split_urls
+    from ..prep.models.openai_backend import resolve_base_urls
 
-    return tuple(_split_urls(list(spec.base_urls)) or _split_urls(os.environ.get("OPENAI_BASE_URL"))
-                 or [DEFAULT_BASE_URL])
+    return tuple(resolve_base_urls(list(spec.base_urls)))
 
 
 def run_doctor(roles: dict[str, ModelSpec], *, images: int = 16, vision_roles: Iterable[str] | None = None,

@@ -1,0 +1,80 @@
+"""Which leaves a question is written from: seeded anchor slots and distractor leaves.
+
+A slot is one numbered try at a question of a kind: slot n of a video is the same
+in every run with the same seed, so a rerun can skip the slots already tried.
+Anchors never include two look-alike leaves, and distractor sources are never
+look-alikes of an anchor.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from ..prep.tree import NodeId
+from .lexicon import VideoIndex
+
+
+def seeded_rng(*parts: Any) -> random.Random:
+    """A random stream of its own for each purpose (the parts name the seed, video or question, and what)."""
+    return random.Random(":".join(str(p) for p in parts))
+
+
+@dataclass
+class Slot:
+    index: VideoIndex
+    kind: str                     # single or multi
+    n: int                        # the slot's number among its video's slots of this kind
+    anchors: tuple[NodeId, ...]
+
+    @property
+    def qid(self) -> str:
+        return f"{self.index.tree.video_id}-{self.kind[0]}{self.n}"
+
+
+def single_anchor_slots(index: VideoIndex, seed: int) -> list[tuple[NodeId, ...]]:
+    """Every leaf once, in a seeded order: slot n is the n-th (one anchor each)."""
+    leaves = list(index.leaves)
+    seeded_rng(seed, index.tree.video_id, "single").shuffle(leaves)
+    return [(leaf,) for leaf in leaves]
+
+
+def multi_anchor_slots(index: VideoIndex, seed: int, count: int, min_anchors: int = 2,
+                       max_anchors: int = 3) -> list[tuple[NodeId, ...]]:
+    """Up to `count` seeded anchor sets of 2-3 leaves under different medium nodes.
+
+    Slot n does not depend on `count` (the draws come from one seeded stream), no
+    two anchors of a set are look-alikes, and no set repeats. Anchors are in time order.
+    """
+    rng = seeded_rng(seed, index.tree.video_id, "multi")
+    by_medium: dict[NodeId, list[NodeId]] = {}
+    for leaf in index.leaves:
+        by_medium.setdefault(leaf[:2], []).append(leaf)
+    mediums = sorted(by_medium)
+    top = min(max_anchors, len(mediums))
+    if top < min_anchors:
+        return []
+    slots: list[tuple[NodeId, ...]] = []
+    seen: set[tuple[NodeId, ...]] = set()
+    for _ in range(count * 50):
+        if len(slots) >= count:
+            break
+        n = rng.randint(min_anchors, top)
+        chosen = sorted(rng.choice(by_medium[m]) for m in rng.sample(mediums, n))
+        if any(index.lookalike(a, b) is not None for a in chosen for b in chosen if a < b):
+            continue
+        key = tuple(chosen)
+        if key not in seen:
+            seen.add(key)
+            slots.append(key)
+    return slots
+
+
+def distractor_leaves(slot: Slot, seed: int, count: int) -> list[NodeId]:
+    """Up to `count` seeded other leaves offered to the writer as distractor sources, in time order."""
+    idx = slot.index
+    pool = [leaf for leaf in idx.leaves if leaf not in slot.anchors
+            and all(idx.lookalike(a, leaf) is None for a in slot.anchors)]
+    rng = seeded_rng(seed, slot.qid, "distractors")
+    return sorted(rng.sample(pool, min(count, len(pool))))

@@ -1,0 +1,187 @@
+"""The filters a candidate question must pass, each giving a verdict and its reason.
+
+In FILTERS order (the exact definitions are in docs/questions.md):
+
+1. ``lookalike``: no two anchors are near-duplicates, and no distractor comes from a
+   near-duplicate of an anchor (TF-IDF cosine of the leaves' captions);
+2. ``no_leak``: the model, given the question and options only, must not answer right;
+3. ``answerable``: the model, given the anchors' captions only, must answer right;
+4. ``needs_all_anchors`` (multi only): no single anchor's caption is enough;
+5. ``specificity``: no non-anchor leaf's caption alone is enough, checked on the
+   near-duplicates of the anchors and the top-k lexically most similar other leaves.
+
+The model's checks always run at temperature 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..infer.protocol import format_id
+from ..prep.lettering import LETTERS, letter_options
+from ..prep.models.base import Usage
+from ..prep.tree import NodeId
+from . import question_prompts as prompts
+from .lexicon import STOPWORDS, words
+from .question_replies import N_OPTIONS, JsonAsker
+from .question_writer import Candidate
+
+FILTERS = ("lookalike", "no_leak", "answerable", "needs_all_anchors", "specificity")
+
+
+@dataclass
+class Verdict:
+    name: str
+    verdict: str          # pass, fail or skipped
+    reason: str
+    details: dict = field(default_factory=dict)
+
+    def to_record(self) -> dict:
+        rec = {"name": self.name, "verdict": self.verdict, "reason": self.reason}
+        if self.details:
+            rec["details"] = self.details
+        return rec
+
+
+class QuestionFilters:
+    """The filters, asking their questions through one model."""
+
+    def __init__(self, asker: JsonAsker, *, leak_tries: int, specificity_k: int):
+        self.asker = asker
+        self.leak_tries = leak_tries
+        self.specificity_k = specificity_k
+
+    def lookalike(self, c: Candidate) -> Verdict:
+        idx, anchors = c.slot.index, c.slot.anchors
+        tree = idx.tree
+        for a in anchors:
+            for b in anchors:
+                s = idx.lookalike(a, b) if a < b else None
+                if s is not None:
+                    return Verdict("lookalike", "fail", f"look-alike: anchors {format_id(a)} and {format_id(b)} "
+                                   f"are near-duplicates (cosine {s:.2f})", {"pair": [list(a), list(b)]})
+        near = {b: (a, s) for a in anchors for b, s in idx.lookalikes.get(a, {}).items() if b not in anchors}
+        for letter, leaf in c.sources.items():
+            if leaf is not None and leaf in near:
+                a, s = near[leaf]
+                return Verdict("lookalike", "fail",
+                               f"look-alike: distractor {letter} is drawn from leaf {tree.where(leaf)}, a "
+                               f"near-duplicate of anchor {format_id(a)} (cosine {s:.2f})",
+                               {"pair": [list(a), list(leaf)], "distractor": letter, "declared": True})
+        texts = dict(zip(LETTERS, c.texts))
+        for letter in c.sources:
+            content = set(words(texts[letter])) - STOPWORDS
+            if not content:
+                continue
+            for leaf, (a, s) in sorted(near.items()):
+                if content <= set(words(tree.nodes[leaf]["caption"])):
+                    return Verdict("lookalike", "fail",
+                                   f"look-alike: distractor {letter} ({texts[letter]!r}) matches leaf "
+                                   f"{tree.where(leaf)}, a near-duplicate of anchor {format_id(a)} "
+                                   f"(cosine {s:.2f})",
+                                   {"pair": [list(a), list(leaf)], "distractor": letter, "declared": False})
+        if not near:
+            return Verdict("lookalike", "pass", "the anchors have no near-duplicate leaves")
+        return Verdict("lookalike", "pass", f"no distractor comes from the anchors' {len(near)} near-duplicate "
+                       f"leaves ({', '.join(format_id(b) for b in sorted(near))})")
+
+    async def no_leak(self, c: Candidate, usage: Usage) -> Verdict:
+        texts = c.texts
+        right = LETTERS.index(c.answer)
+        picks = []
+        for t in range(self.leak_tries):
+            shift = t % N_OPTIONS
+            rotated = texts[shift:] + texts[:shift]
+            options = letter_options(rotated)
+            key = LETTERS[(right - shift) % N_OPTIONS]
+            choice = await self.asker.choose(prompts.blind_messages(c.draft.question, options), options, usage,
+                                             "no-leak check")
+            picks.append(choice == key)
+            if choice != key:
+                break
+        if all(picks) and len(picks) == self.leak_tries:
+            return Verdict("no_leak", "fail", f"answerable without the video: the model chose the right answer "
+                           f"with no captions ({len(picks)} of {self.leak_tries} tries)")
+        return Verdict("no_leak", "pass", "the model did not find the answer without captions")
+
+    async def answerable(self, c: Candidate, usage: Usage) -> Verdict:
+        tree = c.slot.index.tree
+        choice = await self.asker.choose(prompts.answer_messages(c.draft.question, c.options,
+                                                                 [tree.clip(a) for a in c.slot.anchors]),
+                                         c.options, usage, "answerable check")
+        if choice == c.answer:
+            return Verdict("answerable", "pass", "answered right from its anchors' captions")
+        said = choice or "none"
+        return Verdict("answerable", "fail", f"not answerable from its anchors' captions (the model answered "
+                       f"{said}, the key is {c.answer})")
+
+    async def needs_all_anchors(self, c: Candidate, usage: Usage) -> Verdict:
+        tree = c.slot.index.tree
+        for a in c.slot.anchors:
+            choice = await self.asker.choose(prompts.answer_messages(c.draft.question, c.options, [tree.clip(a)]),
+                                             c.options, usage, "needs-all-anchors check")
+            if choice == c.answer:
+                return Verdict("needs_all_anchors", "fail", f"answerable from anchor {tree.where(a)} alone; "
+                               f"a multi-segment question must need all its anchors", {"leaf": list(a)})
+        return Verdict("needs_all_anchors", "pass", "no single anchor is enough")
+
+    def specificity_candidates(self, c: Candidate) -> list[tuple[NodeId, float, bool]]:
+        """(leaf, lexical score, is a look-alike of an anchor): look-alikes first, then top-k."""
+        idx, anchors = c.slot.index, c.slot.anchors
+        k = self.specificity_k
+        near: dict[NodeId, float] = {}
+        for a in anchors:
+            for b, s in idx.lookalikes.get(a, {}).items():
+                if b not in anchors:
+                    near[b] = max(s, near.get(b, 0.0))
+        scores = idx.lexicon.scores(f"{c.draft.question} {c.draft.answer}")
+        by_leaf = {leaf: float(scores[i]) for i, leaf in enumerate(idx.leaves)}
+        out = [(b, round(by_leaf[b], 4), True) for b in sorted(near, key=lambda b: (-near[b], b))[:k]]
+        ranked = sorted((leaf for leaf in idx.leaves if leaf not in anchors and leaf not in near
+                         and by_leaf[leaf] > 0), key=lambda leaf: (-by_leaf[leaf], leaf))
+        out += [(leaf, round(by_leaf[leaf], 4), False) for leaf in ranked[:k]]
+        return out
+
+    async def specificity(self, c: Candidate, usage: Usage) -> Verdict:
+        idx = c.slot.index
+        tree = idx.tree
+        checked = self.specificity_candidates(c)
+        details = {"checked": [{"leaf": list(leaf), "score": s, "lookalike": look} for leaf, s, look in checked]}
+        for leaf, _, look in checked:
+            choice = await self.asker.choose(prompts.answer_messages(c.draft.question, c.options,
+                                                                     [tree.clip(leaf)]),
+                                             c.options, usage, "specificity check")
+            if choice != c.answer:
+                continue
+            details["leaf"] = list(leaf)
+            if look:
+                a, s = max(((a, idx.lookalike(a, leaf)) for a in c.slot.anchors
+                            if idx.lookalike(a, leaf) is not None), key=lambda x: x[1])
+                details["pair"] = [list(a), list(leaf)]
+                return Verdict("specificity", "fail", f"look-alike: answerable from leaf {tree.where(leaf)} alone, "
+                               f"a near-duplicate of anchor {format_id(a)} (cosine {s:.2f})", details)
+            return Verdict("specificity", "fail", f"answerable from non-anchor leaf {tree.where(leaf)} alone",
+                           details)
+        if not checked:
+            return Verdict("specificity", "pass", "no other leaf shares a word with the question and its answer",
+                           details)
+        return Verdict("specificity", "pass", f"not answerable from any of the {len(checked)} most similar other "
+                       f"leaves alone ({', '.join(format_id(leaf) for leaf, _, _ in checked)})", details)
+
+    async def run(self, c: Candidate, usage: Usage) -> list[Verdict]:
+        """Every filter in FILTERS order; after one fails, the rest are recorded as skipped."""
+        model_checks = {"no_leak": self.no_leak, "answerable": self.answerable,
+                        "needs_all_anchors": self.needs_all_anchors, "specificity": self.specificity}
+        verdicts: list[Verdict] = []
+        failed = None
+        for name in FILTERS:
+            if name == "needs_all_anchors" and c.slot.kind != "multi":
+                continue
+            if failed is not None:
+                verdicts.append(Verdict(name, "skipped", f"not checked: the {failed} filter failed"))
+                continue
+            v = self.lookalike(c) if name == "lookalike" else await model_checks[name](c, usage)
+            verdicts.append(v)
+            if v.verdict == "fail":
+                failed = name
+        return verdicts
