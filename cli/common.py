@@ -202,3 +202,26 @@ def tokens_phrase(models: dict) -> str:
 def fail_usage(message: str) -> "typer.Exit":
     say_error(message)
     return typer.Exit(EXIT_USAGE)
+
+
+def run_trainer(settings, *, dry_run: bool, data_summary, train, summary) -> None:
+    """What sft, dpo and rl do once their settings are built: check them, print them and the
+    data on --dry-run, or train; then the summary line from the main process. Exits."""
+    import json
+
+    from ..train.trainer_kit import is_main_process
+
+    # The usage errors of this trainer and of those it builds on (dpo reuses sft's data checks).
+    usage_errors = tuple(k.error_type for k in type(settings).__mro__
+                         if "error_type" in vars(k) and k.error_type is not ValueError)
+    try:
+        settings.check()
+        if dry_run:
+            typer.echo(json.dumps({"settings": settings.__dict__, "data": data_summary()}, indent=1))
+            raise typer.Exit(EXIT_OK)
+        record = train()
+    except usage_errors as e:
+        raise fail_usage(str(e))
+    if is_main_process():
+        say(summary(record))
+    raise typer.Exit(EXIT_OK)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..train.dpo import DpoSettings
-from .common import EXIT_OK, ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, fail_usage, say
+from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, fail_usage, run_trainer, say
 from .model_options import TRAINING_SEED
 from .options import Group, takes
 
@@ -64,24 +63,16 @@ def dpo_command(
       lvr ask movie.mp4 "Who opens the door?" --backend transformers --model navigator-dpo --caption-model ./qwen2.5-vl-7b
     """
     from ..train.dpo import load_pairs, run_dpo, summary_line
-    from ..train.sft import SftError
-    from ..train.trainer_kit import is_main_process
 
     try:
         settings = DpoSettings(data=pairs, output=str(output), seed=sampling.seed, **training)
     except TypeError as e:
         raise fail_usage(str(e))
-    try:
-        settings.check()
-        if dry_run:
-            loaded = load_pairs(pairs)
-            typer.echo(json.dumps({"settings": settings.__dict__, "data": {
-                "format": loaded.format, "records": loaded.records, "pairs": len(loaded.samples),
-                "identical_left_out": loaded.identical, "sources": dict(loaded.sources)}}, indent=1))
-            raise typer.Exit(EXIT_OK)
-        record = run_dpo(settings, log=None if quiet else say)
-    except SftError as e:
-        raise fail_usage(str(e))
-    if is_main_process():
-        say(summary_line(record))
-    raise typer.Exit(EXIT_OK)
+
+    def data_summary() -> dict:
+        loaded = load_pairs(pairs)
+        return {"format": loaded.format, "records": loaded.records, "pairs": len(loaded.samples),
+                "identical_left_out": loaded.identical, "sources": dict(loaded.sources)}
+
+    run_trainer(settings, dry_run=dry_run, data_summary=data_summary,
+                train=lambda: run_dpo(settings, log=None if quiet else say), summary=summary_line)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -11,8 +10,8 @@ import typer
 from ..infer.agent import AgentOptions
 from ..prep.models import SamplingOptions
 from ..train.rl import DATA_PANEL, ROLLOUT_PANEL, RlSettings
-from .common import (EXIT_OK, CacheDirOption, ConfigOption, DryRunOption, FormatOption, NoSubtitlesOption,
-                     QuietOption, RequiredOutputOption, VideoDirOption, fail_usage, say)
+from .common import (CacheDirOption, ConfigOption, DryRunOption, FormatOption, NoSubtitlesOption, QuietOption,
+                     RequiredOutputOption, VideoDirOption, fail_usage, run_trainer, say)
 from .model_options import RL_ROLES
 from .options import Group, takes
 
@@ -71,8 +70,7 @@ def rl_command(
       lvr ask movie.mp4 "Who opens the door?" --backend transformers --model navigator-rl --caption-model ./qwen2.5-vl-7b
     """
     from ..prep.cache import resolve_cache_dir
-    from ..train.rl import RlError, load_rl_data, run_rl, summary_line
-    from ..train.trainer_kit import is_main_process
+    from ..train.rl import load_rl_data, run_rl, summary_line
     from .model_options import rl_navigator_options
 
     if not roles[0].model:
@@ -88,17 +86,11 @@ def rl_command(
                                    temperature=settings.temperature, seed=settings.seed)
     except (TypeError, ValueError) as e:
         raise fail_usage(str(e))
-    try:
-        settings.check()
-        if dry_run:
-            data = load_rl_data(settings)
-            typer.echo(json.dumps({"settings": settings.__dict__, "data": {
-                "items": len(data.items), "videos": len({str(i.video) for i in data.items}),
-                "skipped": data.errors}}, indent=1))
-            raise typer.Exit(EXIT_OK)
-        record = run_rl(settings, nav, resolve_cache_dir(cache_dir), log=None if quiet else say)
-    except RlError as e:
-        raise fail_usage(str(e))
-    if record["world_size"] == 1 or is_main_process():
-        say(summary_line(record))
-    raise typer.Exit(EXIT_OK)
+
+    def data_summary() -> dict:
+        data = load_rl_data(settings)
+        return {"items": len(data.items), "videos": len({str(i.video) for i in data.items}), "skipped": data.errors}
+
+    run_trainer(settings, dry_run=dry_run, data_summary=data_summary,
+                train=lambda: run_rl(settings, nav, resolve_cache_dir(cache_dir), log=None if quiet else say),
+                summary=summary_line)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..train.sft import SftSettings
-from .common import EXIT_OK, ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, fail_usage, say
+from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, fail_usage, run_trainer, say
 from .model_options import TRAINING_SEED
 from .options import Group, takes
 
@@ -57,24 +56,17 @@ def sft_command(
 
       lvr ask movie.mp4 "Who opens the door?" --backend transformers --model navigator-sft --caption-model ./qwen2.5-vl-7b
     """
-    from ..train.sft import SftError, load_sft_data, run_sft, summary_line
-    from ..train.trainer_kit import is_main_process
+    from ..train.sft import load_sft_data, run_sft, summary_line
 
     try:
         settings = SftSettings(data=data, output=str(output), seed=sampling.seed, **training)
     except TypeError as e:
         raise fail_usage(str(e))
-    try:
-        settings.check()
-        if dry_run:
-            loaded = load_sft_data(data)
-            typer.echo(json.dumps({"settings": settings.__dict__, "data": {
-                "format": loaded.format, "records": loaded.records, "samples": len(loaded.samples),
-                "skipped": loaded.skipped}}, indent=1))
-            raise typer.Exit(EXIT_OK)
-        record = run_sft(settings, log=None if quiet else say)
-    except SftError as e:
-        raise fail_usage(str(e))
-    if is_main_process():
-        say(summary_line(record))
-    raise typer.Exit(EXIT_OK)
+
+    def data_summary() -> dict:
+        loaded = load_sft_data(data)
+        return {"format": loaded.format, "records": loaded.records, "samples": len(loaded.samples),
+                "skipped": loaded.skipped}
+
+    run_trainer(settings, dry_run=dry_run, data_summary=data_summary,
+                train=lambda: run_sft(settings, log=None if quiet else say), summary=summary_line)

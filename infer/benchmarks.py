@@ -89,8 +89,25 @@ class VideoNotFoundError(EvalFormatError, FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
+class QuestionItem:
+    """What every question item (EvalItem here, QAItem for training) has and how it is written.
+
+    Subclasses are dataclasses with qid, video, question, options, answer, category, source, extra.
+    """
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return bool(self.options)
+
+    def record(self, schema: str, **fields) -> dict:
+        """A JSON-safe native record of this item, with the subclass's own `fields`."""
+        return {"schema": schema, "id": self.qid, "video": self.video, "question": self.question,
+                "options": list(self.options), "answer": self.answer, **fields, "category": self.category,
+                "source": self.source, "extra": json.loads(json.dumps(self.extra, ensure_ascii=False, default=str))}
+
+
 @dataclass(frozen=True)
-class EvalItem:
+class EvalItem(QuestionItem):
     """One question about one video.
 
     qid: unique within its file (the source's id, else derived deterministically).
@@ -114,24 +131,9 @@ class EvalItem:
     source: str = "native"
     extra: dict = field(default_factory=dict, hash=False)
 
-    @property
-    def is_multiple_choice(self) -> bool:
-        return bool(self.options)
-
     def to_record(self) -> dict:
         """The item as a native ``lvr.question/1`` record (JSON-safe)."""
-        return {
-            "schema": NATIVE_SCHEMA,
-            "id": self.qid,
-            "video": self.video,
-            "question": self.question,
-            "options": list(self.options),
-            "answer": self.answer,
-            "category": self.category,
-            "subtitles": self.subtitles,
-            "source": self.source,
-            "extra": json.loads(json.dumps(self.extra, ensure_ascii=False, default=str)),
-        }
+        return self.record(NATIVE_SCHEMA, subtitles=self.subtitles)
 
 
 # LVBench: "question text\n(A) ...\n(B) ...\n(C) ...\n(D) ..."

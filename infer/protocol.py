@@ -27,6 +27,7 @@ from pathlib import Path
 from ..prep import tags
 from ..prep.captioning import format_time
 from ..prep.lettering import chosen_letter, normalize_options
+from ..prep.records import read_prompt_file
 from ..prep.tags import ANSWER, THINK, TOOL
 
 # Bump when the user-message layouts below change: it is part of the prompt hash.
@@ -66,15 +67,7 @@ For a multiple-choice question, answer with the letter of the chosen option."""
 
 def load_system_prompt(path: "str | Path | None") -> str:
     """The system prompt template ({K} is filled in per video); ValueError if the file is unusable."""
-    if path is None:
-        return DEFAULT_SYSTEM_PROMPT
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the system prompt ({e.strerror})") from None
-    if not text:
-        raise ValueError(f"{path}: the system prompt file is empty")
-    return text
+    return read_prompt_file(path, DEFAULT_SYSTEM_PROMPT)
 
 
 def system_prompt(template: str, k: int) -> str:

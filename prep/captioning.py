@@ -19,6 +19,7 @@ from pathlib import Path
 from .caption_store import CaptionKey, CaptionStore
 from .frames import FrameStore
 from .options import check_options, option
+from .records import read_prompt_file
 from .tags import caption_text
 from .work_queue import run_jobs
 from .models.base import ChatModel, Completion, GenerationOptions, Message, Usage, image_part, text_part
@@ -49,15 +50,7 @@ class CaptionError(Exception):
 
 
 def load_system_prompt(path: "str | Path | None") -> str:
-    if path is None:
-        return DEFAULT_SYSTEM_PROMPT
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise CaptionError(f"{path}: cannot read the system prompt ({e.strerror})") from None
-    if not text:
-        raise CaptionError(f"{path}: the system prompt file is empty")
-    return text
+    return read_prompt_file(path, DEFAULT_SYSTEM_PROMPT, CaptionError)
 
 
 def prompt_hash(system_prompt: str) -> str:

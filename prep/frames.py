@@ -270,16 +270,13 @@ def extract_frames(
 
     pts_to_index = {int(p): i for i, p in enumerate(info.frame_pts)}
     wanted_pts = {int(info.frame_pts[i]) for i in want}
-    remaining = set(want)
     container, stream = _open_video(info)
-    writer = _JpegWriter(info, want, store, quality, workers, on_progress)
-    try:
+
+    def decoded():
         codec = stream.codec_context
         skipping = None
         decode_order = 0
         for packet in _demux(container, stream, stats):
-            if not remaining:
-                break
             if packet is not None and packet.size:  # flush packets always decode fully
                 mode = "DEFAULT" if (packet.pts is None or packet.pts in wanted_pts) else "NONREF"
                 if mode != skipping:
@@ -288,15 +285,29 @@ def extract_frames(
             for frame in _decode(codec, packet, stats):
                 index = pts_to_index.get(frame.pts) if frame.pts is not None else decode_order
                 decode_order += 1
-                if index in remaining:
-                    remaining.discard(index)
-                    writer.submit(frame, index)
+                yield index, frame
+
+    try:
+        _store_wanted(decoded(), want, _JpegWriter(info, want, store, quality, workers, on_progress), stats)
+    finally:
+        container.close()
+    return stats
+
+
+def _store_wanted(decoded, want: dict, writer: "_JpegWriter", stats: ExtractStats) -> None:
+    """Hand each wanted frame to the writer as it comes out; stop once all have. Sets written and missing."""
+    remaining = set(want)
+    try:
+        for index, frame in decoded:
+            if index in remaining:
+                remaining.discard(index)
+                writer.submit(frame, index)
+                if not remaining:
+                    break
         stats.written = writer.finish()
     finally:
         writer.close()
-        container.close()
     stats.missing = sorted(remaining)
-    return stats
 
 
 # -- seeking: short spans, for neighbours of bad frames and for repairs ---------------
@@ -408,21 +419,17 @@ def extract_frames_at(info: VideoInfo, requests: Iterable[FrameRequest], store: 
     if not want:
         return stats
     decoder = _SpanDecoder(info)
-    writer = _JpegWriter(info, want, store, quality, None, None)
     keyframes = [int(i) for i in info.frame_times.searchsorted(info.keyframe_times)]
-    remaining = set(want)
-    try:
+
+    def decoded():
         for first, last in _spans(sorted(want), keyframes):
-            for index, frame in decoder.span(first, last):
-                if index in remaining:
-                    remaining.discard(index)
-                    writer.submit(frame, index)
-        stats.written = writer.finish()
+            yield from decoder.span(first, last)
+
+    try:
+        _store_wanted(decoded(), want, _JpegWriter(info, want, store, quality, None, None), stats)
     finally:
-        writer.close()
         decoder.close()
     stats.frames_decoded, stats.decode_errors = decoder.stats.frames_decoded, decoder.stats.decode_errors
-    stats.missing = sorted(remaining)
     return stats
 
 

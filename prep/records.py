@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import sys
+from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from .lettering import answer_key, normalize_options
@@ -35,6 +37,19 @@ class BadLine:
 
 
 # ---------------------------------------------------------------- files
+
+def read_prompt_file(path: "str | os.PathLike | None", default: str, error: type[Exception] = ValueError) -> str:
+    """A system prompt from a user's file (`default` when none is given); `error` names an unusable file."""
+    if path is None:
+        return default
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise error(f"{path}: cannot read the system prompt ({e.strerror})") from None
+    if not text:
+        raise error(f"{path}: the system prompt file is empty")
+    return text
+
 
 def read_text(name: str, stdin: IO[str] | None = None) -> str:
     """The whole text of a file (``-``: stdin), without a byte-order mark."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..infer.benchmarks import NATIVE_SCHEMA as QUESTION_SCHEMA, EvalFormatError
+from ..infer.benchmarks import NATIVE_SCHEMA as QUESTION_SCHEMA, EvalFormatError, QuestionItem
 from ..prep.records import (STDIO, Collector, RecordSkip, answer_field, id_field, json_records, options_field,
                             read_text, scalar_text, sniff_format, text_field)
 
@@ -41,7 +41,7 @@ QAFormatError = EvalFormatError
 
 
 @dataclass(frozen=True)
-class QAItem:
+class QAItem(QuestionItem):
     """One question about one video, with the clue intervals that answer it.
 
     qid: unique within its file. video: a file name, relative path or video id
@@ -62,24 +62,9 @@ class QAItem:
     source: str = "native"
     extra: dict = field(default_factory=dict, hash=False)
 
-    @property
-    def is_multiple_choice(self) -> bool:
-        return bool(self.options)
-
     def to_record(self) -> dict:
         """The item as a native ``lvr.qa/1`` record (JSON-safe); `load_qa_items` reads it back unchanged."""
-        return {
-            "schema": QA_SCHEMA,
-            "id": self.qid,
-            "video": self.video,
-            "question": self.question,
-            "options": list(self.options),
-            "answer": self.answer,
-            "clues": [[s, e] for s, e in self.clues],
-            "category": self.category,
-            "source": self.source,
-            "extra": json.loads(json.dumps(self.extra, ensure_ascii=False, default=str)),
-        }
+        return self.record(QA_SCHEMA, clues=[[s, e] for s, e in self.clues])
 
 
 # ---------------------------------------------------------------- clues
