@@ -204,22 +204,29 @@ def fail_usage(message: str) -> "typer.Exit":
     return typer.Exit(EXIT_USAGE)
 
 
-def run_trainer(settings, *, dry_run: bool, data_summary, train, summary) -> None:
-    """What sft, dpo and rl do once their settings are built: check them, print them and the
-    data on --dry-run, or train; then the summary line from the main process. Exits."""
+def run_trainer(make_settings, *, dry_run: bool, data_summary, train, summary) -> None:
+    """What sft, dpo and rl do with their options: build and check the settings, print them and
+    the data on --dry-run, or train; then the summary line from the main process. Exits.
+
+    `data_summary(settings)`, `train(settings)` and `summary(record)` are the trainer's own parts.
+    """
     import json
 
     from ..train.trainer_kit import is_main_process
 
+    try:
+        settings = make_settings()
+    except (TypeError, ValueError) as e:
+        raise fail_usage(str(e))
     # The usage errors of this trainer and of those it builds on (dpo reuses sft's data checks).
     usage_errors = tuple(k.error_type for k in type(settings).__mro__
                          if "error_type" in vars(k) and k.error_type is not ValueError)
     try:
         settings.check()
         if dry_run:
-            typer.echo(json.dumps({"settings": settings.__dict__, "data": data_summary()}, indent=1))
+            typer.echo(json.dumps({"settings": settings.__dict__, "data": data_summary(settings)}, indent=1))
             raise typer.Exit(EXIT_OK)
-        record = train()
+        record = train(settings)
     except usage_errors as e:
         raise fail_usage(str(e))
     if is_main_process():

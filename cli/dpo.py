@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..train.dpo import DpoSettings
-from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, fail_usage, run_trainer, say
+from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, run_trainer, say
 from .model_options import TRAINING_SEED
 from .options import Group, takes
 
@@ -64,15 +64,11 @@ def dpo_command(
     """
     from ..train.dpo import load_pairs, run_dpo, summary_line
 
-    try:
-        settings = DpoSettings(data=pairs, output=str(output), seed=sampling.seed, **training)
-    except TypeError as e:
-        raise fail_usage(str(e))
-
-    def data_summary() -> dict:
-        loaded = load_pairs(pairs)
+    def data_summary(settings) -> dict:
+        loaded = load_pairs(settings.data)
         return {"format": loaded.format, "records": loaded.records, "pairs": len(loaded.samples),
                 "identical_left_out": loaded.identical, "sources": dict(loaded.sources)}
 
-    run_trainer(settings, dry_run=dry_run, data_summary=data_summary,
-                train=lambda: run_dpo(settings, log=None if quiet else say), summary=summary_line)
+    run_trainer(lambda: DpoSettings(data=pairs, output=str(output), seed=sampling.seed, **training),
+                dry_run=dry_run, data_summary=data_summary,
+                train=lambda settings: run_dpo(settings, log=None if quiet else say), summary=summary_line)

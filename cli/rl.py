@@ -9,7 +9,7 @@ import typer
 
 from ..infer.agent import AgentOptions
 from ..prep.models import SamplingOptions
-from ..train.rl import DATA_PANEL, ROLLOUT_PANEL, RlSettings
+from ..train.rl import ROLLOUT_PANEL, RlSettings
 from .common import (CacheDirOption, ConfigOption, DryRunOption, FormatOption, NoSubtitlesOption, QuietOption,
                      RequiredOutputOption, VideoDirOption, fail_usage, run_trainer, say)
 from .model_options import RL_ROLES
@@ -70,27 +70,30 @@ def rl_command(
       lvr ask movie.mp4 "Who opens the door?" --backend transformers --model navigator-rl --caption-model ./qwen2.5-vl-7b
     """
     from ..prep.cache import resolve_cache_dir
-    from ..train.rl import load_rl_data, run_rl, summary_line
+    from ..train.rl import RlError, load_rl_data, run_rl, summary_line
     from .model_options import rl_navigator_options
 
     if not roles[0].model:
         raise fail_usage("give --caption-model: the captioner whose captions are in the store (with "
                          "--caption-base-url to caption nodes not stored yet)")
-    try:
-        settings = RlSettings(qa=qa, output=str(output), video_dir=str(video_dir) if video_dir else None,
-                              format=format, subtitles=not no_subtitles, temperature=sampling.temperature,
-                              max_tokens=sampling.max_tokens, seed=sampling.seed, max_invalid=agent.max_invalid,
-                              **training)
-        nav = rl_navigator_options(roles, model=settings.model, max_turns=settings.max_turns,
-                                   max_invalid=settings.max_invalid, max_tokens=settings.max_tokens,
-                                   temperature=settings.temperature, seed=settings.seed)
-    except (TypeError, ValueError) as e:
-        raise fail_usage(str(e))
 
-    def data_summary() -> dict:
+    def make_settings() -> RlSettings:
+        return RlSettings(qa=qa, output=str(output), video_dir=str(video_dir) if video_dir else None,
+                          format=format, subtitles=not no_subtitles, temperature=sampling.temperature,
+                          max_tokens=sampling.max_tokens, seed=sampling.seed, max_invalid=agent.max_invalid,
+                          **training)
+
+    def data_summary(settings) -> dict:
         data = load_rl_data(settings)
         return {"items": len(data.items), "videos": len({str(i.video) for i in data.items}), "skipped": data.errors}
 
-    run_trainer(settings, dry_run=dry_run, data_summary=data_summary,
-                train=lambda: run_rl(settings, nav, resolve_cache_dir(cache_dir), log=None if quiet else say),
-                summary=summary_line)
+    def train(settings) -> dict:
+        try:
+            nav = rl_navigator_options(roles, model=settings.model, max_turns=settings.max_turns,
+                                       max_invalid=settings.max_invalid, max_tokens=settings.max_tokens,
+                                       temperature=settings.temperature, seed=settings.seed)
+        except ValueError as e:
+            raise RlError(str(e)) from None
+        return run_rl(settings, nav, resolve_cache_dir(cache_dir), log=None if quiet else say)
+
+    run_trainer(make_settings, dry_run=dry_run, data_summary=data_summary, train=train, summary=summary_line)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..train.sft import SftSettings
-from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, fail_usage, run_trainer, say
+from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, run_trainer, say
 from .model_options import TRAINING_SEED
 from .options import Group, takes
 
@@ -58,15 +58,11 @@ def sft_command(
     """
     from ..train.sft import load_sft_data, run_sft, summary_line
 
-    try:
-        settings = SftSettings(data=data, output=str(output), seed=sampling.seed, **training)
-    except TypeError as e:
-        raise fail_usage(str(e))
-
-    def data_summary() -> dict:
-        loaded = load_sft_data(data)
+    def data_summary(settings) -> dict:
+        loaded = load_sft_data(settings.data)
         return {"format": loaded.format, "records": loaded.records, "samples": len(loaded.samples),
                 "skipped": loaded.skipped}
 
-    run_trainer(settings, dry_run=dry_run, data_summary=data_summary,
-                train=lambda: run_sft(settings, log=None if quiet else say), summary=summary_line)
+    run_trainer(lambda: SftSettings(data=data, output=str(output), seed=sampling.seed, **training),
+                dry_run=dry_run, data_summary=data_summary,
+                train=lambda settings: run_sft(settings, log=None if quiet else say), summary=summary_line)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -113,7 +113,7 @@ def synthesize_command(
     if qa is None:
         raise fail_usage("give a QA file (or --lint FILE / --export-sft FILE / --export-pairs FILE)")
 
-    from ..infer.benchmarks import EvalFormatError
+    from ..infer.benchmarks import EvalFormatError, default_video_dir
     from ..prep.cache import resolve_cache_dir
     from ..prep.models.base import ModelError
     from ..prep.progress import Reporter
@@ -129,8 +129,7 @@ def synthesize_command(
             items, errors = load_items(qa, options)
             for err in errors:
                 say_error(err)
-            vdir = video_dir or (Path(qa).parent if qa != "-" else Path.cwd())
-            for line in estimate(items, vdir, nav, options).lines():
+            for line in estimate(items, default_video_dir(video_dir, qa), nav, options).lines():
                 typer.echo(line)
             raise typer.Exit(EXIT_SOME_FAILED if errors else EXIT_OK)
         summary = run_synthesize(qa, output, nav, resolve_cache_dir(cache_dir), options, log=reporter.line,

@@ -427,6 +427,11 @@ def _check_relative(value: str, what: str, video_dir: Path) -> PurePosixPath:
     return PurePosixPath(value)
 
 
+def default_video_dir(given: "Path | None", records_path: str) -> Path:
+    """--video-dir, else the folder of the records file (the working folder for stdin)."""
+    return Path(given) if given else (Path(records_path).parent if records_path != "-" else Path.cwd())
+
+
 def resolve_video(item_video: str, video_dir: "str | Path", *,
                   extensions: Sequence[str] = VIDEO_EXTENSIONS,
                   subdirs: Sequence[str] = ()) -> Path:

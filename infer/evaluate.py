@@ -16,10 +16,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..prep.work_queue import run_jobs
+from ..prep.work_queue import run_jobs, unfinished
 from ..prep.jsonl import JsonlWriter, dumps, write_atomic
 from ..prep.progress import Reporter, shorten
-from .benchmarks import EvalFormatError, EvalItem, load_eval_items, resolve_item_video
+from .benchmarks import EvalFormatError, EvalItem, default_video_dir, load_eval_items, resolve_item_video
 from .navigator import Asked, Navigator, NavigatorOptions, build_trace
 from .progress import BatchProgress, time_spent
 from .protocol import answer_matches
@@ -125,11 +125,10 @@ def run_eval(questions: str, output: "str | os.PathLike | None", nav: NavigatorO
         log(f"error: {err}")
     if options.max_questions is not None:
         items = items[: options.max_questions]
-    video_dir = options.video_dir or (Path(questions).parent if questions != "-" else Path.cwd())
+    video_dir = default_video_dir(options.video_dir, questions)
     t0 = time.perf_counter()
     with JsonlWriter(output) as writer:
-        done = {r.get("qid") for r in writer.existing if r.get("schema") == EVAL_SCHEMA}
-        todo = [it for it in items if it.qid not in done]
+        todo = unfinished(items, (r for r in writer.existing if r.get("schema") == EVAL_SCHEMA), lambda it: it.qid)
         summary.skipped = len(items) - len(todo)
         if summary.skipped:
             log(f"skip: {summary.skipped} questions already in the output")

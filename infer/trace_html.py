@@ -22,7 +22,6 @@ import hashlib
 import html
 import json
 import os
-import re
 from typing import Any, Iterable
 
 from lvr.prep.frames import FrameStore

@@ -74,3 +74,9 @@ async def run_jobs(jobs: "Iterable[T] | Callable[[], T | None]", work: Callable[
     if remaining is not None:
         stats.not_started = len(remaining)
     return stats
+
+
+def unfinished(items: list[T], finished: Iterable[dict], key: Callable[[T], str]) -> list[T]:
+    """The items whose key is not among the ids of the records already written (resuming a run)."""
+    done = {r.get("qid") for r in finished}
+    return [it for it in items if key(it) not in done]

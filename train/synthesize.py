@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..infer.agent import AgentResult, Turn, Verdict
-from ..infer.benchmarks import EvalFormatError, resolve_video
+from ..infer.benchmarks import EvalFormatError, default_video_dir, resolve_video
 from ..infer.environment import VideoEnv
 from ..infer.navigator import Asked, Navigator, NavigatorOptions
 from ..infer.progress import BatchProgress, time_spent
 from ..infer.protocol import answer_matches
-from ..prep.work_queue import run_jobs
+from ..prep.work_queue import run_jobs, unfinished
 from ..prep.jsonl import JsonlWriter
 from ..prep.models.base import Usage
 from ..prep.progress import Reporter
@@ -133,11 +133,11 @@ def run_synthesize(qa_path: str, output: "str | os.PathLike | None", nav: Naviga
     items, summary.load_errors = load_items(qa_path, options)
     for err in summary.load_errors:
         log(f"error: {err}")
-    video_dir = options.video_dir or (Path(qa_path).parent if qa_path != "-" else Path.cwd())
+    video_dir = default_video_dir(options.video_dir, qa_path)
     t0 = time.perf_counter()
     with JsonlWriter(output) as writer:
-        done = {r.get("qid") for r in writer.existing if r.get("schema") == TRAJECTORY_SCHEMA}
-        todo = [it for it in items if it.qid not in done]
+        todo = unfinished(items, (r for r in writer.existing if r.get("schema") == TRAJECTORY_SCHEMA),
+                          lambda it: it.qid)
         summary.skipped = len(items) - len(todo)
         if summary.skipped:
             log(f"skip: {summary.skipped} items already in the output")

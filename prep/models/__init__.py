@@ -204,7 +204,7 @@ def check_roles(roles: Roles) -> None:
     main = roles.reasoning
     if not main.model:
         if resolve_backend(main.backend, list(main.base_urls)) == "openai":
-            raise ModelError(f"a base URL is given but no --model: name the model the server serves "
+            raise ModelError("a base URL is given but no --model: name the model the server serves "
                              "(GET <base URL>/models lists them)")
         raise ModelError(NO_MODEL_HELP)
     located = {}
