@@ -82,7 +82,7 @@ def ask_command(
     result = asked.result
     acc = trace["accounting"]
     if result.answer is not None:
-        chosen = options[LETTERS.index(result.choice)] if result.choice in LETTERS[:len(options)] else None
+        chosen = options[LETTERS.index(result.choice)] if result.choice and result.choice in LETTERS[:len(options)] else None
         typer.echo(chosen or result.answer)
     if not quiet and acc:
         calls = acc["caption_calls"]

@@ -5,10 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,38 +13,10 @@ from PIL import Image
 
 from fake_openai import FakeOpenAI
 from lvr.infer.protocol import Breach, correction, tool_result_message
-
-LVR = [sys.executable, "-m", "lvr.cli"]
-SECRET = "sk-test-ask-SECRET-0987654321"
-
-SCRIPT = [
-    "<think>The second high clip looks promising; check its third medium clip.</think>\n"
-    "<tool>get_caption((2, 3))</tool>",
-    "<think>Now the first low clip inside it.</think><tool>get_caption((2, 3, 1))</tool>",
-    '<think>Verify with the frames.</think><tool>video_qa((2, 3, 1), "What is in the hands?")</tool>',
-    "<think>The frames confirm it.</think><answer>B</answer>",
-]
-QA_REPLY = "A white cup."
-
-
-def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def caption_text(body: dict) -> str:
-    intro = body["messages"][1]["content"][0]["text"]
-    m = re.search(r"from a (\w+)-level clip of a video, from (\S+) to (\S+)\.(?:\s|$)", intro)
-    return f"A {m.group(1)} clip from {m.group(2)} to {m.group(3)}."
-
-
-def scripted(body: dict) -> str:
-    model = body["model"]
-    if model == "captioner":
-        return f"<caption>{caption_text(body)}</caption>"
-    if model == "qa":
-        return QA_REPLY
-    turns = sum(1 for m in body["messages"] if m["role"] == "assistant")
-    return SCRIPT[min(turns, len(SCRIPT) - 1)]
+from lvr_test_helpers import ASK_SCRIPT as SCRIPT
+from lvr_test_helpers import ASK_SECRET as SECRET
+from lvr_test_helpers import (QA_REPLY, caption_text, chromium_or_skip, model_flags, parse_page, run_chromium,
+                              run_lvr, scripted, tree_boxes)
 
 
 def split(server: FakeOpenAI) -> dict[str, list[dict]]:
@@ -55,11 +24,6 @@ def split(server: FakeOpenAI) -> dict[str, list[dict]]:
     for body in server.requests:
         out[body["model"]].append(body)
     return out
-
-
-def model_flags(url: str) -> list[str]:
-    return ["--base-url", url, "--model", "navigator", "--caption-model", "captioner", "--qa-model", "qa",
-            "--api-key", SECRET]
 
 
 @pytest.fixture(scope="module")
@@ -268,15 +232,13 @@ def test_ask_help_shows_examples():
 
 def test_ask_html_page_in_headless_chromium(clip, tmp_path):
     """The page `lvr ask --html` writes, opened offline in a real browser, shows the visited path."""
-    from test_trace_html import _chromium, _run_chromium, parse, tree_boxes
-
-    exe = _chromium()
+    exe = chromium_or_skip()
     with FakeOpenAI(scripted, models=("navigator", "captioner", "qa")) as server:
         proc = run_lvr("ask", clip, "What is the person holding?", *model_flags(server.url),
                        "--cache-dir", tmp_path / "cache", "--html", tmp_path / "t.html", "-q")
     assert proc.returncode == 0, proc.stderr
-    browser = _run_chromium(exe, tmp_path / "profile", "--virtual-time-budget=3000", "--dump-dom",
-                            (tmp_path / "t.html").as_uri())
+    browser = run_chromium(exe, tmp_path / "profile", "--virtual-time-budget=3000", "--dump-dom",
+                           (tmp_path / "t.html").as_uri())
     try:
         dom, err = browser.communicate(timeout=60)
     finally:
@@ -284,7 +246,7 @@ def test_ask_html_page_in_headless_chromium(clip, tmp_path):
             browser.kill()
             browser.wait()
     assert browser.returncode == 0, err.decode("utf-8", "replace")[-2000:]
-    page = parse(dom.decode("utf-8", "replace"))
+    page = parse_page(dom.decode("utf-8", "replace"))
     assert next(a for t, a in page.tags if t == "body").get("data-ready") == "1"
     boxes = tree_boxes(page)
     assert len(boxes) == 84

@@ -6,58 +6,18 @@ import base64
 import io
 import json
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from fake_openai import FakeOpenAI
 from lvr.prep.captioning import build_caption_messages, frame_subtitles, parse_caption
+from lvr_test_helpers import LVR, caption_reply, fresh_cache, run_lvr
+from lvr_test_helpers import load_jsonl as load
 
-LVR = [sys.executable, "-m", "lvr.cli"]
 SECRET = "sk-test-SECRET-do-not-leak-1234567890"
-
-
-def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def caption_reply(body: dict) -> str:
-    """Echo the first timestamp label, so each caption names its node."""
-    parts = body["messages"][1]["content"]
-    first = next(p["text"] for p in parts if p["type"] == "text" and p["text"].startswith("["))
-    return f"<think>planning</think>Sure.<caption>Clip starting {first}</caption>"
-
-
-@pytest.fixture(scope="module")
-def segmented(numbered_video, tmp_path_factory):
-    """Nodes of the numbered video, with a sidecar subtitle file, and their cache."""
-    root = tmp_path_factory.mktemp("captioning")
-    video = root / "talk.mp4"
-    shutil.copy(numbered_video, video)
-    (root / "talk.srt").write_text("1\n00:00:00,500 --> 00:00:01,500\nWelcome to the kitchen\n")
-    cache = root / "cache"
-    nodes = root / "nodes.jsonl"
-    proc = run_lvr("segment", video, "-o", nodes, "--cache-dir", cache, "-q")
-    assert proc.returncode == 0, proc.stderr
-    return nodes, cache
-
-
-def fresh_cache(segmented, tmp_path) -> Path:
-    """A copy of the segment cache with an empty caption store."""
-    nodes, cache = segmented
-    dest = tmp_path / "cache"
-    shutil.copytree(cache, dest)
-    return dest
 
 
 def test_caption_end_to_end_sends_what_it_should(segmented, tmp_path):

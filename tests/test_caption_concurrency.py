@@ -7,7 +7,8 @@ import subprocess
 import time
 
 from fake_openai import FakeOpenAI
-from test_caption import LVR, caption_reply, fresh_cache, load, segmented  # noqa: F401 - fixture
+from lvr_test_helpers import LVR, caption_reply, fresh_cache
+from lvr_test_helpers import load_jsonl as load
 
 
 def caption_run(nodes, out, cache, url, *extra) -> subprocess.Popen:
@@ -21,7 +22,7 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err
 
 
-def test_two_runs_on_one_store_ask_once_per_node(segmented, tmp_path):  # noqa: F811
+def test_two_runs_on_one_store_ask_once_per_node(segmented, tmp_path):
     nodes, _ = segmented
     cache = fresh_cache(segmented, tmp_path)
     node_ids = sorted(tuple(r["id"]) for r in load(nodes))
@@ -43,7 +44,7 @@ def test_two_runs_on_one_store_ask_once_per_node(segmented, tmp_path):  # noqa: 
     assert con.execute("SELECT COUNT(*) FROM claims").fetchone() == (0,)  # all released
 
 
-def test_claims_of_a_killed_run_do_not_hold_up_the_next(segmented, tmp_path):  # noqa: F811
+def test_claims_of_a_killed_run_do_not_hold_up_the_next(segmented, tmp_path):
     nodes, _ = segmented
     cache = fresh_cache(segmented, tmp_path)
     out = tmp_path / "captions.jsonl"

@@ -11,11 +11,11 @@ from pathlib import Path
 import av
 import pytest
 
-from conftest import ffmpeg, frame_number_filter, read_frame_number
 from lvr.prep import clips as clips_mod
 from lvr.prep.clips import MANIFEST, leaf_name, write_leaf_clips
 from lvr.prep.probe import VideoError, probe_video
 from lvr.prep.tree import Level, Tree
+from synthetic_media import ffmpeg, frame_number_filter, read_frame_number
 
 FPS = 10
 SECONDS = 12

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import typer
 
 from lvr.cli.main import COMMANDS, app
+from lvr_test_helpers import lvr_env, run_lvr
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p for p in (ROOT / "configs").glob("*.*") if p.suffix in (".yaml", ".toml"))
 
 
 def lvr(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lvr.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
+    return run_lvr(*args, timeout=120, env={**lvr_env(), **(env or {})}, cwd=cwd)
 
 
 def parse(command: str, argv: list[str]) -> dict:
@@ -49,7 +47,7 @@ def test_every_example_config_loads_for_every_command(example):
                 extra += [e.param.opts[0], "x"]
         else:
             pytest.fail(f"{command}: too many required options")
-        used += any(params.get(k) not in (None, (), [], False) for k in ("model", "teacher_model", "base_url"))
+        used += any(params.get(k) not in (None, (), [], False) for k in ("model", "base_url"))
     assert used, f"{example.name} sets no model or endpoint for any command"
 
 
@@ -62,7 +60,7 @@ def test_vllm_example_gives_each_command_its_own_model():
     caption = parse("caption", ["nodes.jsonl", "--config", str(vllm)])
     assert caption["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and caption["concurrency"] == 16
     synth = parse("synthesize", ["--config", str(vllm)])
-    assert synth["teacher_model"] == "Qwen/Qwen3-8B"
+    assert synth["model"] == "Qwen/Qwen3-8B"
 
 
 def test_a_single_url_may_be_a_string_and_flags_win(tmp_path):

@@ -9,30 +9,20 @@ pairs come from hand-built trajectories through `lvr.train.pairs`, as
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_pairs import trajectory, write_jsonl
-from test_sft import ENV, STRIPPING_TEMPLATE
-
 from lvr.train.chat_template import LVR_CHATML_TEMPLATE, template_keeps_think
+from lvr_test_helpers import (REPO, kill_lvr_at_first_checkpoint, run_lvr, run_lvr_in_two_processes, trajectory,
+                              write_jsonl)
+from tiny_models import STRIPPING_TEMPLATE
 
-REPO = Path(__file__).resolve().parents[1]
-LVR = [sys.executable, "-m", "lvr.cli"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 FAST = ["--cpu", "--no-gradient-checkpointing"]
 STEPS = 20
 LETTERS = "ABCD"
-
-
-def run_lvr(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -283,16 +273,14 @@ def test_usage_errors_and_the_shipped_config(tmp_path, pairs, small_model):
                              "sources": {"dropped_turn": 12}}
 
 
-# -- slow: several processes, resuming ----------------------------------------------------
+# -- several processes, resuming -----------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.slow  # trains in two processes
 def test_two_processes_with_precomputed_reference(small_model, pairs, tmp_path):
     """accelerate launch, 2 CPU processes over gloo: the precomputed log-probs are shared through OUT."""
     out = tmp_path / "two"
-    proc = subprocess.run([*ACCELERATE, "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-                           "-m", "lvr.cli", "dpo", str(pairs), "--model", str(small_model), "-o", str(out),
-                           "--max-steps", "3", "--lr", "1e-3", "--precompute-ref", "-q", *FAST],
-                          capture_output=True, text=True, timeout=600, env=ENV)
+    proc = run_lvr_in_two_processes("dpo", pairs, "--model", small_model, "-o", out, "--max-steps", "3", "--lr", "1e-3",
+                                    "--precompute-ref", "-q", *FAST)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "lvr_dpo.json").read_text())
     assert record["world_size"] == 2 and record["steps"] == 3 and record["reference"] == "precomputed"
@@ -300,25 +288,13 @@ def test_two_processes_with_precomputed_reference(small_model, pairs, tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / ".lvr-dpo-data").exists()
 
 
-@pytest.mark.slow
 def test_a_killed_run_resumes(small_model, pairs, tmp_path):
     from lvr.train.sft import last_checkpoint
 
     out = tmp_path / "resumable"
-    args = [*LVR, "dpo", str(pairs), "--model", str(small_model), "-o", str(out), "--lr", "1e-3", "--save-steps", "2",
-            "--max-steps", "400", "--precompute-ref", "-q", *FAST]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=ENV)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if any((c / "trainer_state.json").is_file() for c in out.glob("checkpoint-*")):
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = kill_lvr_at_first_checkpoint("dpo", pairs, "--model", small_model, "-o", out, "--lr", "1e-3",
+                                        "--save-steps", "2", "--max-steps", "400", "--precompute-ref", "-q", *FAST,
+                                        out=out)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     resume_from = last_checkpoint(out)
     assert resume_from is not None and not (out / "lvr_dpo.json").exists()

@@ -5,21 +5,16 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_frame_number_video
 from fake_openai import FakeOpenAI
+from lvr_test_helpers import LVR, run_lvr
+from synthetic_media import make_frame_number_video
 
-LVR = [sys.executable, "-m", "lvr.cli"]
 N = 20
-
-
-def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def scripted(body: dict) -> str:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fake_openai import FakeOpenAI, prompt_image_count
+from lvr_test_helpers import lvr_env, run_lvr
 
 
 def lvr(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lvr.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+    return run_lvr(*args, timeout=120, env={**lvr_env(), **(env or {})})
 
 
 @pytest.fixture(scope="module")

@@ -9,64 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from fake_openai import FakeOpenAI
-from lvr.infer.protocol import (DEFAULT_SYSTEM_PROMPT, first_user_message, parse_turn, system_prompt,
-                                tool_result_message)
-from lvr.train.hints import HINT_PREFIX, hint_text
+from lvr.infer.protocol import parse_turn
+from lvr.train.hints import HINT_PREFIX
 from lvr.train.pairs import (PAIR_SCHEMA, SOURCE_DROPPED, SOURCE_WRONG, WRONG_TURN_SYSTEM, check_wrong_turn,
                              dropped_pairs, make_wrong_turns, wrong_turn_request)
-
-LVR = [sys.executable, "-m", "lvr.cli"]
-OPTIONS = ["A. a cup", "B. a book", "C. keys", "D. a hat"]
-K = 4
-
-
-def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def trajectory(i: int = 0, *, answer: str = "B", wrong: tuple[str, str] = ("A", "C"),
-               dropped_after: tuple[int, int] = (1, 2), category: str | None = None,
-               accepted: bool = True, short: bool = False) -> dict:
-    """An accepted trajectory: three kept turns (tool, tool, answer) and two dropped wrong answers.
-
-    The hints are shown after the dropped turns, appended to the user message that the
-    dropped turn answered; the clean messages hold no hint. `short`: a one-line system
-    prompt, for fast training tests.
-    """
-    high = [((j,), 60.0 * (j - 1), 60.0 * j, f"Scene {j} of video {i}: a room with things.") for j in range(1, K + 1)]
-    system = f"Navigate the caption tree (K={K})." if short else system_prompt(DEFAULT_SYSTEM_PROMPT, K)
-    messages = [
-        {"role": "system", "content": system},
-        {"role": "user", "content": first_user_message(f"What does the man in video {i} pick up after the call "
-                                                       f"and before leaving?", OPTIONS, 240.0, high)},
-        {"role": "assistant", "content": "<think>The call is in clip (2,); read its first medium clip.</think>\n"
-                                         "<tool>get_caption((2, 1))</tool>"},
-        {"role": "user", "content": tool_result_message("get_caption", (2, 1), 60.0, 75.0,
-                                                        f"The phone rings; the man of video {i} stands up.")},
-        {"role": "assistant", "content": "<think>The pick-up should follow in low clip 3.</think>\n"
-                                         "<tool>get_caption((2, 1, 3))</tool>"},
-        {"role": "user", "content": tool_result_message("get_caption", (2, 1, 3), 67.5, 71.25,
-                                                        "He takes a book from the shelf and walks out.")},
-        {"role": "assistant", "content": f"<think>He took a book, so {answer}.</think>\n<answer>{answer}</answer>"},
-    ]
-    hints = [{"level": 1, "after_turn": dropped_after[0], "ids": [[2]], "text": hint_text(1, [(2,)])},
-             {"level": 2, "after_turn": dropped_after[1], "ids": [[2, 1]], "text": hint_text(2, [(2, 1)])}]
-    dropped = [{"after_turn": a, "text": f"<think>Guessing it is {w}.</think>\n<answer>{w}</answer>", "answer": w,
-                "hint_level": n} for n, (a, w) in enumerate(zip(dropped_after, wrong), 1)]
-    return {"schema": "lvr.trajectory/1", "qid": f"q{i}", "video": "v.mp4", "video_id": f"vid{i}", "K": K,
-            "duration": 240.0, "question": f"video {i}", "options": OPTIONS, "answer": answer,
-            "clues": [[68.0, 70.0]], "category": category, "accepted": accepted, "correct": accepted,
-            "stopped": "answered", "attempts": 3, "messages": messages, "hints": hints, "dropped": dropped}
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+from lvr_test_helpers import TRAJECTORY_K as K
+from lvr_test_helpers import TRAJECTORY_OPTIONS as OPTIONS
+from lvr_test_helpers import run_lvr, trajectory, write_jsonl
 
 
 def no_hint(pair: dict, record: dict) -> bool:

@@ -10,24 +10,15 @@ from the SFT checkpoint, and `lvr ask` runs the DPO checkpoint too.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from fake_openai import FakeOpenAI
 from lvr.infer.protocol import parse_turn
+from lvr_test_helpers import run_lvr
 
-LVR = [sys.executable, "-m", "lvr.cli"]
 QUESTIONS = ["Which number shows first?", "What colour is the text?", "Is there sound?", "What counts up?"]
 FIRST_TURN = "<think>The second high clip looks right.</think>\n<tool>get_caption((2, 1))</tool>"
 LAST_TURN = "<think>That settles it.</think>\n<answer>B</answer>"
 WRONG_TURN = "<think>Probably not.</think>\n<answer>A</answer>"
-
-
-def run_lvr(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models train faster single-threaded on a busy CPU
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
 def scripted(body: dict) -> str:

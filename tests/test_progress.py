@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from fake_openai import FakeOpenAI
 from lvr.infer.agent import Turn
 from lvr.infer.protocol import Breach, parse_turn
 from lvr.prep.progress import Reporter
+from lvr_test_helpers import LVR, run_lvr  # stderr is a pipe: not a terminal, as under nohup, SLURM or CI
 
-LVR = [sys.executable, "-m", "lvr.cli"]
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
 NAVIGATOR = [
@@ -28,11 +27,6 @@ NAVIGATOR = [
     "<think>The frames confirm it.</think><answer>B</answer>",
 ]
 QA_REPLY = "A white cup."
-
-
-def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    """Run lvr with stderr a pipe: not a terminal, as under nohup, SLURM or CI."""
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def scripted(body: dict) -> str:

@@ -19,18 +19,17 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import read_frame_number
 from fake_openai import FakeOpenAI
 from lvr.train import question_prompts as qp
+from lvr_test_helpers import LVR, run_lvr
+from synthetic_media import read_frame_number
 
-LVR = [sys.executable, "-m", "lvr.cli"]
 
 SYLLABLES = ["ba", "de", "fi", "ko", "lu", "ma", "ne", "po"]
 WORD_LIST = [a + b for a in SYLLABLES for b in SYLLABLES]            # 64 made-up words
@@ -41,10 +40,6 @@ VOCAB = set(WORD_LIST) | set(COLOURS) | set(NUMBERS)
 TWIN_A, TWIN_B = (1, 3, 1), (4, 2, 3)
 NONSPECIFIC = (1, 1, 2)     # the writer asks for the card's colour: seven other leaves share it
 LEAK = (2, 2, 2)            # the writer asks what two plus two is
-
-
-def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def load(path: Path) -> list[dict]:

@@ -7,7 +7,7 @@ OpenAI server, and a tiny Qwen3 with a small BPE vocabulary, warm-started with a
 - `scripted_policy`: SFT on one fixed three-turn trajectory, so rollouts call
   get_caption((2, 3)), then get_caption((2, 3, 1)), then answer: real multi-turn
   rollouts that run the environment;
-- the slow learning test: SFT on trajectories with random clips and answers, so RL
+- the sampled learning test: SFT on trajectories with random clips and answers, so RL
   has something to improve.
 
 Every subprocess runs with one torch thread: tiny models train many times faster
@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,11 +27,8 @@ import pytest
 from fake_openai import FakeOpenAI
 from lvr.infer.protocol import (LAST_ROUND_NOTICE, complete_stopped_turn, first_user_message, format_time,
                                 system_prompt, tool_result_message)
+from lvr_test_helpers import REPO, run_lvr, run_lvr_in_two_processes
 
-REPO = Path(__file__).resolve().parents[1]
-LVR = [sys.executable, "-m", "lvr.cli"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 OPTIONS = ["A. one", "B. two", "C. three", "D. four"]
 PROMPT = "Explore the {K}-ary clip tree. Reply <think>...</think> then <tool>get_caption((h, m))</tool> or " \
          "<answer>X</answer>."
@@ -42,10 +36,6 @@ SCRIPT = ["<think>Clip (2,) fits.</think><tool>get_caption((2, 3))</tool>",
           "<think>Closer.</think><tool>get_caption((2, 3, 1))</tool>",
           "<think>Seen it.</think><answer>B</answer>"]
 IM_END, USER, ASSISTANT = "<|im_end|>", "<|im_start|>user\n", "<|im_start|>assistant\n"
-
-
-def run(cmd, timeout=600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*map(str, cmd)], capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
 
 
 def caption_for(level: str, start: str, end: str) -> str:
@@ -105,9 +95,9 @@ def result_for(world: dict, node_id: tuple) -> str:
 def sft(world: dict, samples: list[dict], out: Path, steps: int, batch: int, lr: str) -> Path:
     data = out.parent / f"{out.name}.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    proc = run([*LVR, "sft", data, "--model", world["model"], "-o", out, "--lr", lr, "--max-steps", steps,
-                "--batch-size", batch, "--warmup-ratio", "0", "--scheduler", "constant", "--max-length", "2048",
-                "--save-steps", "10000", "--cpu", "--no-gradient-checkpointing", "-q"])
+    proc = run_lvr("sft", data, "--model", world["model"], "-o", out, "--lr", lr, "--max-steps", steps,
+                   "--batch-size", batch, "--warmup-ratio", "0", "--scheduler", "constant", "--max-length", "2048",
+                   "--save-steps", "10000", "--cpu", "--no-gradient-checkpointing", "-q")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -128,7 +118,8 @@ def scripted_policy(world) -> Path:
 
 
 def rl_args(world: dict, model: Path, out: Path, url: str, *extra) -> list:
-    return ["rl", world["qa"], "--model", model, "-o", out, "--caption-model", "captioner",
+    """`lvr rl` arguments for WORLD's QA items, captioned at URL, and EXTRA."""
+    return [world["qa"], "--model", model, "-o", out, "--caption-model", "captioner",
             "--caption-base-url", url, "--cache-dir", world["cache"], "--system-prompt", world["prompt"],
             "--cpu", "--no-gradient-checkpointing", *extra]
 
@@ -331,10 +322,10 @@ def test_one_step_masks_tool_results_not_model_tokens(world, scripted_policy, tm
 
     out, log = tmp_path / "rl", tmp_path / "rollouts.jsonl"
     with FakeOpenAI(fake_caption, models=("captioner",)) as server:
-        proc = run([*LVR, *rl_args(world, scripted_policy, out, server.url, "--num-generations", "2",
-                                   "--batch-size", "2", "--grad-accum", "2", "--max-steps", "1", "--max-turns", "3",
-                                   "--max-tokens", "40", "--max-completion-length", "400", "--lr", "1e-3",
-                                   "--rollout-log", log)])
+        proc = run_lvr("rl", *rl_args(world, scripted_policy, out, server.url, "--num-generations", "2",
+                                      "--batch-size", "2", "--grad-accum", "2", "--max-steps", "1", "--max-turns", "3",
+                                      "--max-tokens", "40", "--max-completion-length", "400", "--lr", "1e-3",
+                                      "--rollout-log", log))
         assert proc.returncode == 0, proc.stderr[-4000:]
         # The checkpoint loads into `lvr ask` and navigates with the same protocol (in process: quicker).
         from typer.testing import CliRunner
@@ -406,6 +397,7 @@ def test_one_step_masks_tool_results_not_model_tokens(world, scripted_policy, tm
         assert torch.all(sampled[~on] == 0)
 
 
+@pytest.mark.slow  # trains in two processes
 def test_two_processes_one_step(world, scripted_policy, tmp_path):
     """accelerate launch, 2 CPU processes over gloo: each runs its own rollouts; one GRPO step.
 
@@ -413,11 +405,11 @@ def test_two_processes_one_step(world, scripted_policy, tmp_path):
     """
     out, log = tmp_path / "rl2", tmp_path / "rollouts.jsonl"
     with FakeOpenAI(fake_caption, models=("captioner",)) as server:
-        proc = run([*ACCELERATE, "--config_file", REPO / "configs" / "accelerate" / "cpu_2proc.yaml", "-m", "lvr.cli",
-                    *rl_args(world, scripted_policy, out, server.url, "--num-generations", "2", "--batch-size", "2",
-                             "--grad-accum", "1", "--max-steps", "1", "--max-turns", "3", "--max-tokens", "40",
-                             "--max-completion-length", "400", "--rollout-log", log, "--kl-argument-scale", "0.1",
-                             "-q")])
+        proc = run_lvr_in_two_processes(
+            "rl", *rl_args(world, scripted_policy, out, server.url, "--num-generations", "2", "--batch-size", "2",
+                           "--grad-accum", "1", "--max-steps", "1", "--max-turns", "3", "--max-tokens", "40",
+                           "--max-completion-length", "400", "--rollout-log", log, "--kl-argument-scale", "0.1",
+                           "-q"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "lvr_rl.json").read_text())
     assert record["world_size"] == 2 and record["steps"] == 1
@@ -430,7 +422,7 @@ def test_two_processes_one_step(world, scripted_policy, tmp_path):
 
 # -- learning signal ------------------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.sampled
 def test_reward_rises_on_a_toy_task(world, tmp_path):
     """The answer (B) and the clue (medium clip (2, 3)) are fixed; a policy SFT'd to pick clips and
     letters at random must learn both. Mean reward over the last 5 of 30 steps beats the first 5."""
@@ -446,9 +438,10 @@ def test_reward_rises_on_a_toy_task(world, tmp_path):
     policy = sft(world, samples, tmp_path / "random-policy", steps=80, batch=8, lr="1e-2")
     out = tmp_path / "rl"
     with FakeOpenAI(fake_caption, models=("captioner",)) as server:
-        proc = run([*LVR, *rl_args(world, policy, out, server.url, "--num-generations", "8", "--batch-size", "8",
-                                   "--grad-accum", "2", "--max-steps", "30", "--max-turns", "3", "--max-tokens", "40",
-                                   "--max-completion-length", "300", "--lr", "1e-3", "--seed", "1")], timeout=900)
+        proc = run_lvr("rl", *rl_args(world, policy, out, server.url, "--num-generations", "8", "--batch-size", "8",
+                                      "--grad-accum", "2", "--max-steps", "30", "--max-turns", "3", "--max-tokens",
+                                      "40", "--max-completion-length", "300", "--lr", "1e-3", "--seed", "1"),
+                       timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     curve = json.loads((out / "lvr_rl.json").read_text())["curve"]
     rewards = [p["reward"] for p in curve]

@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import ffmpeg, frame_number_filter, make_frame_number_video, read_frame_number
 from lvr.prep.frames import FrameStore
 from lvr.prep.tree import node_count, tree_width
-
-LVR = [sys.executable, "-m", "lvr.cli"]
-
-
-def run_lvr(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
-def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from lvr_test_helpers import LVR, run_lvr
+from lvr_test_helpers import load_jsonl as load
+from synthetic_media import ffmpeg, frame_number_filter, make_frame_number_video, read_frame_number
 
 
 def by_video(records: list[dict]) -> dict[str, list[dict]]:

@@ -192,7 +192,6 @@ def test_example_video_is_what_its_readme_says():
     assert "CC0" in readme and SAMPLE.name in readme
 
 
-@pytest.mark.slow
 def test_example_video_command_remakes_it(tmp_path):
     """The ffmpeg command in examples/README.md makes a video like the committed one
     (the bytes differ between encoder versions; the shape and the pictures do not)."""

@@ -13,11 +13,8 @@ message, so every run here has to detect and fix it:
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,40 +22,13 @@ import pytest
 
 from lvr.infer.protocol import (DEFAULT_SYSTEM_PROMPT, first_user_message, parse_turn, system_prompt,
                                 tool_result_message)
-from lvr.train.chat_template import (LVR_CHATML_TEMPLATE, THINK_PROBE, TemplateError,
+from lvr.train.chat_template import (LVR_CHATML_TEMPLATE, TemplateError,
                                      ensure_think_preserving_template, template_keeps_think,
                                      template_masks_assistant)
+from lvr_test_helpers import REPO, kill_lvr_at_first_checkpoint, run_lvr, run_lvr_in_two_processes, write_jsonl
+from tiny_models import STRIPPING_TEMPLATE
 
-REPO = Path(__file__).resolve().parents[1]
-LVR = [sys.executable, "-m", "lvr.cli"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 FAST = ["--cpu", "--no-gradient-checkpointing", "-q"]
-
-# Mimics Qwen3's stock template: an assistant turn that comes before the last user
-# message loses everything up to </think>. (In our protocol tool results are user turns,
-# so every assistant turn but the last would lose its reasoning.)
-STRIPPING_TEMPLATE = (
-    "{%- set ns = namespace(last_user=-1) %}"
-    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
-    "{%- endfor %}"
-    "{%- for m in messages %}"
-    "{%- set content = m.content %}"
-    "{%- if m.role == 'assistant' and loop.index0 < ns.last_user and '</think>' in content %}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-# One thread per training process: on small shared CPUs, tiny models train several times
-# faster without torch's intra-op threads fighting each other and other processes.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run_lvr(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
 
 
 def trajectory(i: int, *, accepted: bool = True, long_prompt: bool = False, k: int = 4) -> dict:
@@ -87,11 +57,6 @@ def trajectory(i: int, *, accepted: bool = True, long_prompt: bool = False, k: i
             "accepted": accepted, "correct": accepted, "stopped": "answered", "messages": messages,
             "hints": [{"level": 1, "after_turn": 1, "ids": [[h]], "text": f"Hint: the clue lies in clip ({h},)."}],
             "dropped": []}
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +348,7 @@ def test_sft_fits_and_the_output_loads_for_ask(small_model, trajectories, tmp_pa
     assert reply.text.lstrip().startswith("<think>"), reply.text
 
 
+@pytest.mark.slow  # trains in two processes
 def test_two_processes_lora_merge_and_reload(small_model, trajectories, tmp_path):
     """accelerate launch, 2 CPU processes over gloo, LoRA merged into a full checkpoint that reloads."""
     import torch
@@ -390,10 +356,8 @@ def test_two_processes_lora_merge_and_reload(small_model, trajectories, tmp_path
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    proc = subprocess.run([*ACCELERATE, "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-                           "-m", "lvr.cli", "sft", str(trajectories), "--model", str(small_model), "-o", str(out),
-                           "--max-steps", "3", "--lr", "5e-2", "--lora", "--lora-r", "4", "--lora-targets",
-                           "q_proj,v_proj", *FAST], capture_output=True, text=True, timeout=600, env=ENV)
+    proc = run_lvr_in_two_processes("sft", trajectories, "--model", small_model, "-o", out, "--max-steps", "3",
+                                    "--lr", "5e-2", "--lora", "--lora-r", "4", "--lora-targets", "q_proj,v_proj", *FAST)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "lvr_sft.json").read_text())
     assert record["world_size"] == 2 and record["steps"] == 3
@@ -415,20 +379,9 @@ def test_two_processes_lora_merge_and_reload(small_model, trajectories, tmp_path
 
 def test_a_killed_run_resumes(small_model, trajectories, tmp_path):
     out = tmp_path / "resumable"
-    args = [*LVR, "sft", str(trajectories), "--model", str(small_model), "-o", str(out), "--lr", "1e-3",
-            "--save-steps", "2", "--max-steps", "400", "--logging-steps", "1", *FAST]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=ENV)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if any((c / "trainer_state.json").is_file() for c in out.glob("checkpoint-*")):
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = kill_lvr_at_first_checkpoint("sft", trajectories, "--model", small_model, "-o", out, "--lr", "1e-3",
+                                        "--save-steps", "2", "--max-steps", "400", "--logging-steps", "1", *FAST,
+                                        out=out)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     from lvr.train.sft import last_checkpoint
 

@@ -13,7 +13,7 @@ import pytest
 
 from fake_openai import FakeOpenAI
 from lvr.prep.caption_store import CaptionKey, CaptionStore, CaptionStoreError
-from test_caption import caption_reply, fresh_cache, run_lvr, segmented  # noqa: F401 - fixture
+from lvr_test_helpers import caption_reply, fresh_cache, run_lvr
 
 SETTINGS = CaptionKey.settings(frames=8, side=256, subtitles=False)
 PAGE = 4096
@@ -96,7 +96,7 @@ def test_the_commands_in_the_message_recover_the_captions(tmp_path):
         assert store.put(key(10_000), (1,), "new", {})
 
 
-def test_caption_and_ask_report_a_damaged_store_in_one_line(segmented, tmp_path):  # noqa: F811
+def test_caption_and_ask_report_a_damaged_store_in_one_line(segmented, tmp_path):
     nodes, _ = segmented
     cache = fresh_cache(segmented, tmp_path)
     store = cache / "captions.sqlite3"

@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from fake_openai import FakeOpenAI
-
-LVR = [sys.executable, "-m", "lvr.cli"]
-
-
-def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
-
+from lvr_test_helpers import LVR, run_lvr
 
 TEACHER = [
     "<think>Start with the first medium clip.</think><tool>get_caption((1, 1))</tool>",

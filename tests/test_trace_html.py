@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import shutil
-import subprocess
-from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from lvr.infer.trace_html import render_trace_html, write_trace_html
 from lvr.prep.frames import FrameStore, frame_key
+from lvr_test_helpers import PageElements, chromium_or_skip, parse_page, run_chromium, tree_boxes
 
 VID = "0123456789abcdef"
 K = 2
@@ -126,42 +122,7 @@ def store(tmp_path) -> FrameStore:
     return fs
 
 
-class _Elements(HTMLParser):
-    """Every start tag with its attributes, plus the text inside <script> elements."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, dict]] = []
-        self.scripts: list[str] = []
-        self._in_script = False
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, {k: (v or "") for k, v in attrs}))
-        self._in_script = tag == "script"
-        if self._in_script:
-            self.scripts.append("")
-
-    def handle_endtag(self, tag):
-        if tag == "script":
-            self._in_script = False
-
-    def handle_data(self, data):
-        if self._in_script:
-            self.scripts[-1] += data
-
-
-def parse(page: str) -> _Elements:
-    p = _Elements()
-    p.feed(page)
-    p.close()
-    return p
-
-
-def tree_boxes(p: _Elements) -> dict[str, dict]:
-    return {a["data-id"]: a for t, a in p.tags if t == "div" and "node" in a.get("class", "").split()}
-
-
-def check_tree(p: _Elements) -> None:
+def check_tree(p: PageElements) -> None:
     boxes = tree_boxes(p)
     assert len(boxes) == K + K**2 + K**3
     for h in range(1, K + 1):
@@ -187,7 +148,7 @@ def check_tree(p: _Elements) -> None:
 def test_page_is_self_contained_escaped_and_draws_the_tree(store):
     trace = make_trace()
     page = render_trace_html(trace, store)
-    p = parse(page)
+    p = parse_page(page)
 
     # Nothing points outside the page.
     for tag, attrs in p.tags:
@@ -241,7 +202,7 @@ def test_missing_frames_and_no_store_give_placeholders(store, tmp_path):
     assert "<img" not in page and page.count('class="missing"') == 3
     page = render_trace_html(make_trace(), None)
     assert "<img" not in page and page.count('class="missing"') == 3
-    check_tree(parse(page))
+    check_tree(parse_page(page))
 
 
 def test_degenerate_traces_render():
@@ -252,7 +213,7 @@ def test_degenerate_traces_render():
     # Without a tree, the visited nodes are still drawn from the visits.
     trace = make_trace()
     del trace["tree"]
-    boxes = tree_boxes(parse(render_trace_html(trace, None)))
+    boxes = tree_boxes(parse_page(render_trace_html(trace, None)))
     assert set(boxes) == {"1-2", "1-2-1"} and boxes["1-2-1"]["data-order"] == "2 3"
 
 
@@ -265,37 +226,17 @@ def test_write_is_atomic(store, tmp_path):
 
 # --- the real browser ---------------------------------------------------------------
 
-def _chromium() -> str:
-    exe = shutil.which("chromium")
-    if exe is None:
-        if os.environ.get("LVR_REQUIRE_CHROMIUM"):
-            pytest.fail("LVR_REQUIRE_CHROMIUM is set but no `chromium` on PATH (bash scripts/setup.sh --dev installs it)")
-        pytest.skip("no `chromium` on PATH: install it (apt-get install chromium, or bash scripts/setup.sh --dev); "
-                    "set LVR_REQUIRE_CHROMIUM=1 to make this a failure")
-    return exe
-
-
-def _run_chromium(exe: str, profile: Path, *args: str) -> subprocess.Popen:
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-           "--hide-scrollbars", f"--user-data-dir={profile}", *args]
-    env = {**os.environ, "HOME": str(profile)}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-
-
 def test_page_in_headless_chromium(store, tmp_path):
-    exe = _chromium()
+    exe = chromium_or_skip()
     page_path = tmp_path / "trace.html"
     write_trace_html(page_path, make_trace(), store)
     url = page_path.as_uri()
     shot = tmp_path / "trace.png"
 
     # Both runs at once; each has its own profile.
-    dom_proc = _run_chromium(exe, tmp_path / "profile-dom", "--virtual-time-budget=3000", "--dump-dom", url)
-    shot_proc = _run_chromium(exe, tmp_path / "profile-shot", "--virtual-time-budget=3000",
-                              f"--screenshot={shot}", "--window-size=1280,2000", url)
+    dom_proc = run_chromium(exe, tmp_path / "profile-dom", "--virtual-time-budget=3000", "--dump-dom", url)
+    shot_proc = run_chromium(exe, tmp_path / "profile-shot", "--virtual-time-budget=3000",
+                             f"--screenshot={shot}", "--window-size=1280,2000", url)
     try:
         dom, dom_err = dom_proc.communicate(timeout=60)
         _, shot_err = shot_proc.communicate(timeout=60)
@@ -307,7 +248,7 @@ def test_page_in_headless_chromium(store, tmp_path):
     dom = dom.decode("utf-8", "replace")
     assert dom_proc.returncode == 0 and "<body" in dom, dom_err.decode("utf-8", "replace")[-2000:]
 
-    p = parse(dom)
+    p = parse_page(dom)
     html_attrs = next(a for t, a in p.tags if t == "html")
     body = next(a for t, a in p.tags if t == "body")
     assert body.get("data-ready") == "1", "the page's own script did not run"

@@ -37,10 +37,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lvr_test_helpers import run_lvr
+from lvr_test_helpers import load_jsonl as load
+
 for _module in ("fastapi", "uvicorn", "openai", "pydantic"):
     pytest.importorskip(_module, reason="the `transformers serve` extras are not installed (pip install -e .[dev])")
 
-LVR = [sys.executable, "-m", "lvr.cli"]
 START_TIMEOUT_S = 90
 
 # Remote code shipped in the model folder: Qwen2_5_VLProcessor without its torchvision-only video processor.
@@ -60,14 +62,6 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 '''
 PROCESSOR_CLASS = "ImageOnlyQwen2_5_VLProcessor"
-
-
-def run_lvr(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*LVR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def free_port() -> int:
