@@ -55,7 +55,7 @@ def ask_command(
 
       lvr ask clip.mp4 "Who enters the room?" --backend transformers --model ./my-navigator --caption-model ./qwen2.5-vl-3b --trace trace.jsonl
 
-      lvr ask movie.mp4 "Where is the cat at the end?" --config models.yaml --max-rounds 15
+      lvr ask movie.mp4 "Where is the cat at the end?" --config configs/vllm.yaml --max-rounds 15
     """
     from ..infer.ask import answer_record, ask_video
     from ..infer.progress import time_spent

@@ -56,9 +56,9 @@ def eval_command(
 
       lvr eval lvbench/video_info.meta.jsonl --video-dir lvbench/videos --base-url http://localhost:8000/v1 --model longvideo-r1 --caption-base-url http://localhost:8001/v1 --caption-model Qwen/Qwen2.5-VL-7B-Instruct -o lvbench.jsonl --summary lvbench.summary.json
 
-      lvr eval videomme.jsonl --no-subtitles --video-dir videomme/data --config models.yaml -o vmme.jsonl
+      lvr eval videomme.jsonl --no-subtitles --video-dir videomme/data --config configs/vllm.yaml -o vmme.jsonl
 
-      lvr eval MLVU/json --format mlvu --video-dir MLVU/video --min-width 3 --config models.yaml -o mlvu.jsonl
+      lvr eval MLVU/json --format mlvu --video-dir MLVU/video --min-width 3 --config configs/vllm.yaml -o mlvu.jsonl
     """
     from ..infer.benchmarks import EVAL_FORMATS, EvalFormatError
     from ..infer.evaluate import EvalOptions, run_eval

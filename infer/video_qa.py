@@ -57,11 +57,11 @@ class VideoQA:
                 picks = [int(i * len(keys) / QA_FRAMES) for i in range(QA_FRAMES)]
                 keys, times = [keys[i] for i in picks], [times[i] for i in picks]
         if not keys:
-            raise VideoQAError(f"{node_label(node)}: the record lists no frames for video_qa")
+            raise VideoQAError(f"{node_label(node, 'video_qa')}: the record lists no frames for it")
         try:  # each a whole JPEG: damaged ones are decoded again from the video first
             return read_node_frames(self.frames, node, keys), list(times or [])
         except (FrameRepairError, ValueError) as e:
-            raise VideoQAError(f"{node_label(node)}: video_qa frames: {e}") from None
+            raise VideoQAError(f"{node_label(node, 'video_qa')}: frames: {e}") from None
 
     async def ask(self, node: dict, query: str) -> tuple[str, Completion]:
         from ..prep.models.base import ModelError
@@ -71,6 +71,6 @@ class VideoQA:
         try:
             reply = await self.model.complete(messages, self.options)
         except ModelError as e:
-            raise VideoQAError(f"{node_label(node)}: video_qa failed: {e}") from None
+            raise VideoQAError(f"{node_label(node, 'video_qa')}: {e}") from None
         answer = strip_think(reply.text).strip()
         return answer or "(the vision model gave no answer)", reply

@@ -156,9 +156,10 @@ class CaptionResult:
         return rec
 
 
-def node_label(node: dict) -> str:
-    ids = ", ".join(str(i) for i in node.get("id", []))
-    return f"{node.get('path') or node.get('video_id')} node ({ids})"
+def node_label(node: dict, tool: str) -> str:
+    """How errors name a node and the tool that failed on it: `movie.mp4 node (4,) (high level), caption`."""
+    node_id = tuple(node.get("id") or ())
+    return f"{node.get('path') or node.get('video_id')} node {node_id} ({node.get('level', '?')} level), {tool}"
 
 
 class Captioner:
@@ -200,11 +201,11 @@ class Captioner:
 
         keys = node.get("frame_keys") or []
         if not keys:
-            raise CaptionError(f"{node_label(node)}: the record lists no frames")
+            raise CaptionError(f"{node_label(node, 'caption')}: the record lists no frames")
         try:
             return read_node_frames(self.frames, node, keys)
         except (FrameRepairError, ValueError) as e:
-            raise CaptionError(f"{node_label(node)}: {e}; rerun `lvr segment` with the same --cache-dir") \
+            raise CaptionError(f"{node_label(node, 'caption')}: {e}; rerun `lvr segment` with the same --cache-dir") \
                 from None
 
     async def _make(self, node: dict, key: CaptionKey) -> CaptionResult:
@@ -216,10 +217,10 @@ class Captioner:
         try:
             reply: Completion = await self.model.complete(messages, self.options.generation(node["level"]))
         except ModelError as e:
-            raise CaptionError(f"{node_label(node)}: {e}") from None
+            raise CaptionError(f"{node_label(node, 'caption')}: {e}") from None
         caption = parse_caption(reply.text)
         if not caption:
-            raise CaptionError(f"{node_label(node)}: the model returned an empty caption")
+            raise CaptionError(f"{node_label(node, 'caption')}: the model returned an empty caption")
         seconds = time.perf_counter() - t0
         meta = {"tokens": reply.usage.to_record(), "seconds": round(seconds, 3),
                 "finish_reason": reply.finish_reason, "created_at": time.time()}
