@@ -24,9 +24,9 @@ CONNECTION = Group(ConnectionOptions, panel=MAIN_PANEL)
 CAPTION_ROLE = Group(RoleOptions, prefix="caption", panel=CAPTION_PANEL)
 QA_ROLE = Group(RoleOptions, prefix="qa", panel=QA_PANEL)
 NAVIGATOR_SAMPLING = Group(SamplingOptions, panel=AGENT_PANEL)
-# The captioner's reply limit defaults to 600 tokens for low nodes and 1200 for the others.
 CAPTION_SAMPLING = Group(SamplingOptions, prefix="caption", only=("max_tokens", "temperature", "system_prompt"),
-                         defaults={"max_tokens": None}, panel=CAPTION_PANEL)
+                         defaults={"max_tokens": None}, panel=CAPTION_PANEL,
+                         notes={"max_tokens": "Default: 600 for low nodes, 1200 for medium and high ones."})
 QA_SAMPLING = Group(SamplingOptions, prefix="qa", only=("max_tokens",), defaults={"max_tokens": 512},
                     panel=QA_PANEL)
 AGENT = Group(AgentOptions)

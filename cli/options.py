@@ -37,6 +37,7 @@ class Group:
     prefix: str = ""                            # "caption" -> --caption-model, parameter caption_model
     panel: str | None = None                    # overrides the fields' own help panel
     defaults: dict = field(default_factory=dict)  # field name -> this command's default (declared, never silent)
+    notes: dict = field(default_factory=dict)     # field name -> what that default means here, added to the help
     build: Callable[[dict], Any] | None = None  # values by field name -> object (default: cls(**values))
 
     def with_panel(self, panel: str) -> "Group":
@@ -94,8 +95,9 @@ def typer_parameters(group: Group) -> list[inspect.Parameter]:
         default = _default(f, group)
         if flag.multiple:
             default = list(default or [])
-        kwargs: dict[str, Any] = dict(help=flag.help, show_default=flag.show_default,
-                                      rich_help_panel=group.panel or flag.panel)
+        note = group.notes.get(f.name)
+        kwargs: dict[str, Any] = dict(help=f"{flag.help} {note}" if note else flag.help,
+                                      show_default=flag.show_default, rich_help_panel=group.panel or flag.panel)
         if flag.metavar:
             kwargs["metavar"] = flag.metavar
         if flag.min is not None:
