@@ -8,10 +8,12 @@ model visits are ever captioned.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..prep.captioning import CaptionError, Captioner
+from ..prep.captioning import CaptionError, Captioner, node_label
+from ..prep.frame_repair import FrameRepairError, frames_on_demand
 from ..prep.models.base import Usage
 from ..prep.tree import node_count
 from .protocol import Breach, ToolCall, correction, format_id, tool_result_message
@@ -149,9 +151,14 @@ class VideoEnv:
             if self.video_qa is None:
                 raise EnvError("video_qa was called but no video_qa model is configured")
             try:
+                # A lazily planned leaf's frames are decoded off the event loop, and a bad one replaced
+                # (its record updated), before video_qa reads the record's frame times.
+                await asyncio.to_thread(frames_on_demand, self.video_qa.frames, node, node.get("qa_frame_keys") or [])
                 text, reply = await self.video_qa.ask(node, call.query or "")
             except VideoQAError as e:
                 raise EnvError(str(e)) from None
+            except FrameRepairError as e:
+                raise EnvError(f"{node_label(node, 'video_qa')}: frames: {e}") from None
             self.qa_usage.add(reply.usage, reply.seconds)
             visit = Visit(len(self.visits) + 1, "video_qa", node_id, node["start"], node["end"],
                           query=call.query)

@@ -24,7 +24,7 @@ from ..prep.frames import FrameStore
 from ..prep.cache import frames_dir
 from ..prep.models import ModelSpec
 from ..prep.models.base import ChatModel, ModelError
-from ..prep.segment import SegmentOptions, load_or_segment
+from ..prep.segment import SegmentOptions, load_or_plan
 from ..prep.tree import TreeOptions
 from .agent import AgentOptions, AgentResult, OnTurn, Review, run_agent
 from .environment import VideoEnv
@@ -70,7 +70,7 @@ class NavigatorOptions:
 class AskCallbacks:
     """What a caller may follow of one question, for progress (each is optional).
 
-    `on_plan` and `on_frames` come only when the video must be segmented, from
+    `on_plan` and `on_frames` come only when the high nodes' frames must be decoded, from
     a worker thread; the others from the event loop.
     """
 
@@ -90,12 +90,30 @@ class Asked:
     video: str
     error: str | None = None
     segment_seconds: float = 0.0    # loading or segmenting the tree (0 when another question had it)
+    first_request_seconds: float | None = None  # from the question to the first reasoning request
 
     def accounting(self) -> dict:
         """The agent's accounting plus the time spent on the tree; empty when there was no tree."""
         if self.env is None:
             return {}
-        return {**self.result.accounting(self.env), "segment_seconds": round(self.segment_seconds, 3)}
+        first = None if self.first_request_seconds is None else round(self.first_request_seconds, 3)
+        return {**self.result.accounting(self.env), "segment_seconds": round(self.segment_seconds, 3),
+                "first_request_seconds": first}
+
+
+class _FirstRequest:
+    """A model that notes when its first request is sent (time to the first reasoning request)."""
+
+    def __init__(self, model: ChatModel):
+        self.model, self.sent_at = model, None
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    async def complete(self, messages, options):
+        if self.sent_at is None:
+            self.sent_at = time.perf_counter()
+        return await self.model.complete(messages, options)
 
 
 class Navigator:
@@ -168,7 +186,10 @@ class Navigator:
 
     async def tree(self, video: "str | os.PathLike", *, on_plan: Callable[[int], None] | None = None,
                    on_frames: Callable[[int], None] | None = None) -> list[dict]:
-        """The video's node records (segmenting it once; VideoError when it cannot be)."""
+        """The video's node records (VideoError when it cannot have a tree).
+
+        Only the K high nodes' frames are decoded here; other nodes' frames are decoded
+        when a caption or video_qa first reads them (prep/segment.py, the lazy path)."""
         nodes, _ = await self._timed_tree(video, on_plan, on_frames)
         return nodes
 
@@ -180,7 +201,7 @@ class Navigator:
             if key in self._trees:
                 return self._trees[key], 0.0
             started = time.perf_counter()
-            self._trees[key] = await asyncio.to_thread(load_or_segment, video, self.segment_options,
+            self._trees[key] = await asyncio.to_thread(load_or_plan, video, self.segment_options,
                                                        self.cache_dir, on_frames, on_plan)
             return self._trees[key], time.perf_counter() - started
 
@@ -201,6 +222,7 @@ class Navigator:
         from .environment import EnvError
 
         settings = self.settings(subtitles)
+        started = time.perf_counter()
         empty = AgentResult(question, tuple(options))
         segment_seconds = 0.0
         try:
@@ -212,10 +234,12 @@ class Navigator:
             return Asked(empty, None, settings, str(video), str(e), segment_seconds)
         if callbacks.on_tree is not None:
             callbacks.on_tree(env)
-        result = await run_agent(self.model(self.options.reasoning), env, question, options,
+        reasoning = _FirstRequest(self.model(self.options.reasoning))
+        result = await run_agent(reasoning, env, question, options,
                                  template=self.template, agent=self.options.agent,
                                  review=make_review(env) if make_review else None, on_turn=callbacks.on_turn)
-        return Asked(result, env, settings, str(video), result.error, segment_seconds)
+        first = None if reasoning.sent_at is None else reasoning.sent_at - started
+        return Asked(result, env, settings, str(video), result.error, segment_seconds, first)
 
     async def aclose(self) -> None:
         for model in self._models.values():

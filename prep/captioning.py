@@ -205,8 +205,7 @@ class Captioner:
         try:
             return read_node_frames(self.frames, node, keys)
         except (FrameRepairError, ValueError) as e:
-            raise CaptionError(f"{node_label(node, 'caption')}: {e}; rerun `lvr segment` with the same --cache-dir") \
-                from None
+            raise CaptionError(f"{node_label(node, 'caption')}: {e}") from None
 
     async def _make(self, node: dict, key: CaptionKey) -> CaptionResult:
         from .models.base import ModelError

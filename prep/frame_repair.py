@@ -8,6 +8,10 @@ names (its `path`) and replaced atomically, so a damaged file is never sent.
 The check is cheap: the SOI/EOI markers and PIL's header parse (`verify`) take
 about 0.02 ms for a 512 px frame. A full decode takes 0.8 ms and catches no
 more: a cut-short file has lost its EOI marker already.
+
+Records of a lazily planned tree (`lazy_frames`, see prep/segment.py) may name
+frames nobody has decoded yet: `read_node_frames` decodes a missing one as the
+first use of the node's frames (`frames_on_demand`), not as a repair.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import threading
 from pathlib import Path
 
-from .frames import (JPEG_QUALITY, FrameRequest, FrameStore, FrameStoreError, extract_frames_at,
+from .frames import (JPEG_QUALITY, FrameRequest, FrameStore, FrameStoreError, extract_frames_at, frame_key,
                      parse_frame_key)
 from .probe import VideoError, VideoInfo, probe_video
 
@@ -64,7 +68,7 @@ _probe_lock = threading.Lock()
 _probed: dict[tuple[str, int, int], VideoInfo] = {}
 
 
-def _probe_once(path: Path) -> VideoInfo:
+def probe_once(path: Path) -> VideoInfo:
     """Probe a video once per process (repairs of many nodes share it)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -83,7 +87,7 @@ def heal_frames(store: FrameStore, keys: list[str], video_path: "str | os.PathLi
     if not video_path:
         raise FrameRepairError(f"{store.path(first)} needs decoding again, but the record names no video")
     try:
-        info = _probe_once(Path(video_path))
+        info = probe_once(Path(video_path))
         video_id = parse_frame_key(first)[0]
         if info.video_id != video_id:
             raise FrameRepairError(f"{store.path(first)} needs decoding again, but {video_path} "
@@ -104,18 +108,59 @@ def heal_frames(store: FrameStore, keys: list[str], video_path: "str | os.PathLi
     log.warning("frame store: decoded %d damaged frame(s) again from %s", len(set(keys)), video_path)
 
 
+def _quality(node: dict) -> int:
+    """The JPEG quality the node's frames are stored at."""
+    return ((node.get("producer") or {}).get("options") or {}).get("jpeg_quality") or JPEG_QUALITY
+
+
+def frames_on_demand(store: FrameStore, node: dict, keys: list[str]) -> list[str]:
+    """For a lazily planned node: decode its frame sets holding any of `keys` that the store lacks.
+
+    A frame that does not decode is replaced by the nearest of the node that does, and the node
+    record is updated in place (segment.extract_node_frames); the keys come back with such
+    replacements made. Raises FrameRepairError (one line, naming the node) when it cannot.
+    """
+    from .segment import LAZY_FRAMES, extract_node_frames
+
+    absent = {key for key in keys if not store.has(key)}
+    if not node.get(LAZY_FRAMES) or not absent:
+        return keys
+    video = node.get("path")
+    if not video:
+        raise FrameRepairError(f"{store.path(sorted(absent)[0])} is not decoded yet, but the record names no video")
+    renamed: dict[str, str] = {}
+    try:
+        info = probe_once(Path(video))
+        if info.video_id != node.get("video_id"):
+            raise FrameRepairError(f"{video} is not the video node {node.get('id')} was planned from")
+        for prefix in ("", "qa_"):
+            before = node.get(f"{prefix}frame_keys") or []
+            if absent & set(before):  # sets may share keys (a small video caps both sizes alike)
+                absent -= set(before)
+                extract_node_frames(info, node, prefix, store, quality=_quality(node))
+                side = node[f"{prefix}image_side"]
+                renamed.update((frame_key(info.video_id, i, side), frame_key(info.video_id, j, side))
+                               for i, j in node[f"{prefix}substituted_frames"])
+    except OSError as e:
+        raise FrameRepairError(f"{video} cannot be read ({e.strerror})") from None
+    except (VideoError, FrameStoreError) as e:
+        raise FrameRepairError(str(e)) from None
+    return [renamed.get(key, key) for key in keys]
+
+
 def read_node_frames(store: FrameStore, node: dict, keys: list[str]) -> list[bytes]:
-    """The whole JPEGs for a node's frame keys, healing damaged ones from the node's video first.
+    """The whole JPEGs for a node's frame keys, healing damaged ones from the node's video first
+    (and, for a lazily planned node, decoding them on first use: see `frames_on_demand`).
 
     Raises FrameRepairError (one line) when a frame is damaged and cannot be decoded again,
     and ValueError for a key that is not a frame store key.
     """
+    keys = frames_on_demand(store, node, keys)
     frames = [_read(store, key) for key in keys]
     damaged = [key for key, (_, problem) in zip(keys, frames) if problem]
     if not damaged:
         return [data for data, _ in frames]
-    quality = ((node.get("producer") or {}).get("options") or {}).get("jpeg_quality") or JPEG_QUALITY
-    heal_frames(store, list(dict.fromkeys(damaged)), node.get("path"), quality)
+    heal_frames(store, list(dict.fromkeys(damaged)), node.get("path"), _quality(node))
     out = []
     for key, (data, problem) in zip(keys, frames):
         if problem:

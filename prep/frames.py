@@ -407,12 +407,13 @@ class DecodableFrames:
 
 
 def extract_frames_at(info: VideoInfo, requests: Iterable[FrameRequest], store: FrameStore, *,
-                      quality: int = JPEG_QUALITY, replace: bool = False) -> ExtractStats:
+                      quality: int = JPEG_QUALITY, replace: bool = False,
+                      on_progress: Callable[[int], None] | None = None) -> ExtractStats:
     """Store a few frames by seeking to each (for substitutes and repairs), not by a whole pass.
 
     Frames close together share one span of decoding. `replace` remakes frames
     already stored (a damaged file is overwritten atomically). Frames that do
-    not come out whole are listed in `missing`.
+    not come out whole are listed in `missing`; `on_progress` as in `extract_frames`.
     """
     stats = ExtractStats()
     want = _plan(info, requests, store, stats, replace)
@@ -426,7 +427,7 @@ def extract_frames_at(info: VideoInfo, requests: Iterable[FrameRequest], store: 
             yield from decoder.span(first, last)
 
     try:
-        _store_wanted(decoded(), want, _JpegWriter(info, want, store, quality, None, None), stats)
+        _store_wanted(decoded(), want, _JpegWriter(info, want, store, quality, None, on_progress), stats)
     finally:
         decoder.close()
     stats.frames_decoded, stats.decode_errors = decoder.stats.frames_decoded, decoder.stats.decode_errors

@@ -9,8 +9,15 @@ Real files have a few frames that do not decode. A sampled frame that does
 not is replaced by the nearest frame of the same node that does, and the
 record says so (``substituted_frames``); only a video with too much missing
 (``max_bad_frames``) or a node with nothing decodable is refused. These rules
-live here, in the path `lvr segment` and `load_or_segment` (ask, eval,
-synthesize, rl) share.
+live here, in the path `lvr segment` and `load_or_segment` share.
+
+`ask`, `eval`, `synthesize` and `rl` take the lazy path instead (`load_or_plan`):
+the tree's records come from the demux-only probe with nothing decoded, and a
+node's frames are decoded into the same store the first time a reader needs
+them (`extract_node_frames`), seeking to the keyframe before each group of
+frames. The same per-node substitution rule applies; the whole-video share
+(`max_bad_frames`) can only be judged on what was decoded, so it is checked on
+the K high nodes' frames, decoded when the tree is made.
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ from typing import Callable, Iterable
 
 from .. import __version__
 from .cache import frames_dir
-from .frames import (DecodableFrames, ExtractStats, FrameRequest, FrameStore, effective_side, extract_frames,
-                     extract_frames_at, frame_key)
+from .frames import (JPEG_QUALITY, DecodableFrames, ExtractStats, FrameRequest, FrameStore, effective_side,
+                     extract_frames, extract_frames_at, frame_key)
 from .jsonl import JsonlWriter
 from .options import check_options, option
 from .probe import VideoError, VideoInfo, probe_video, video_fingerprint
@@ -187,20 +194,29 @@ def substitute_frames(info: VideoInfo, tree: Tree, options: SegmentOptions, miss
     with DecodableFrames(info) as decodable:
         for node in tree.nodes():
             for prefix, _, sampled in sample_sets(info, tree, node, options):
-                hit = [i for i in sampled if i in bad]
-                if not hit:
-                    continue
-                shown = set(sampled) - bad
-                chosen: dict[int, int] = {}
-                for i in hit:
-                    j = nearest_decodable(i, node.start_frame, node.stop_frame, shown, decodable)
-                    if j is None:
-                        raise VideoError(info.path, f"no frame of node {format_node_id(node.id)} "
-                                                    f"({node.start:.2f}-{node.end:.2f} s) decodes")
-                    chosen[i] = j
-                    shown.add(j)
-                subs[(node.id, prefix)] = chosen
+                if any(i in bad for i in sampled):
+                    subs[(node.id, prefix)] = choose_substitutes(
+                        info, node.id, (node.start, node.end), (node.start_frame, node.stop_frame),
+                        sampled, bad, decodable)
     return subs
+
+
+def choose_substitutes(info: VideoInfo, node_id: NodeId, span: tuple[float, float], frames: tuple[int, int],
+                       sampled: list[int], bad: set[int], decodable: Callable[[int], bool]) -> dict[int, int]:
+    """{sampled frame that did not decode: the frame of the node's [start, stop) `frames` used instead}.
+
+    Raises VideoError naming the node when none of its frames decodes.
+    """
+    shown = set(sampled) - bad
+    chosen: dict[int, int] = {}
+    for i in (i for i in sampled if i in bad):
+        j = nearest_decodable(i, frames[0], frames[1], shown, decodable)
+        if j is None:
+            raise VideoError(info.path, f"no frame of node {format_node_id(node_id)} "
+                                        f"({span[0]:.2f}-{span[1]:.2f} s) decodes")
+        chosen[i] = j
+        shown.add(j)
+    return chosen
 
 
 def store_substitutes(info: VideoInfo, tree: Tree, options: SegmentOptions, subs: Substitutes,
@@ -223,6 +239,20 @@ def shown_frames(sampled: list[int], chosen: dict[int, int]) -> tuple[list[int],
 
 def _round(t: float) -> float:
     return round(float(t), TIME_DECIMALS)
+
+
+def frame_fields(info: VideoInfo, prefix: str, side: int, sampled: list[int], chosen: dict[int, int],
+                 earlier: list[list[int]] = ()) -> dict:
+    """A record's fields for one set of frames (prefix "" or "qa_") after substitution.
+    `earlier`: [wanted, used] pairs of a substitution made before (the lazy path may add to them)."""
+    idx, pairs = shown_frames(sampled, chosen)
+    return {
+        f"{prefix}image_side": side,
+        f"{prefix}frame_indices": idx,
+        f"{prefix}frame_times": [_round(info.frame_times[i]) for i in idx],
+        f"{prefix}frame_keys": [frame_key(info.video_id, i, side) for i in idx],
+        f"{prefix}substituted_frames": [*earlier, *pairs],
+    }
 
 
 def node_records(info: VideoInfo, tree: Tree, options: SegmentOptions,
@@ -250,14 +280,7 @@ def node_records(info: VideoInfo, tree: Tree, options: SegmentOptions,
             "frame_range": [node.start_frame, node.stop_frame],
         }
         for prefix, side, sampled in sample_sets(info, tree, node, options):
-            idx, pairs = shown_frames(sampled, substitutes.get((node.id, prefix), {}))
-            rec.update({
-                f"{prefix}image_side": side,
-                f"{prefix}frame_indices": idx,
-                f"{prefix}frame_times": [_round(tree.frame_times[i]) for i in idx],
-                f"{prefix}frame_keys": [frame_key(info.video_id, i, side) for i in idx],
-                f"{prefix}substituted_frames": pairs,
-            })
+            rec.update(frame_fields(info, prefix, side, sampled, substitutes.get((node.id, prefix), {})))
         rec["subtitles"] = [s.to_record() for s in lines_overlapping(subtitles, node.start, node.end)]
         if clips is not None and node.id in clips:
             rec["clip"] = clips[node.id]
@@ -279,6 +302,16 @@ def build_tree(info: VideoInfo, options: TreeOptions) -> Tree:
         raise VideoError(info.path, str(e)) from None
 
 
+def video_subtitles(info: VideoInfo, options: SegmentOptions) -> list[SubtitleLine]:
+    """The subtitle lines the options ask for (none when they ask for none)."""
+    if not (options.use_subtitles or options.subtitles):
+        return []
+    try:
+        return load_subtitles(info.path, options.subtitles, time_offset=info.start_time)[0]
+    except SubtitleError as e:
+        raise VideoError(info.path, f"subtitles: {e}") from None
+
+
 def segment_video(path: "str | os.PathLike", options: SegmentOptions, store: FrameStore,
                   on_frames: Callable[[int], None] | None = None,
                   on_plan: Callable[[int], None] | None = None) -> VideoResult:
@@ -290,12 +323,7 @@ def segment_video(path: "str | os.PathLike", options: SegmentOptions, store: Fra
     requests = plan_requests(info, tree, options)
     if on_plan:
         on_plan(len(set(requests)))
-    subtitles: list[SubtitleLine] = []
-    if options.use_subtitles or options.subtitles:
-        try:
-            subtitles, _ = load_subtitles(info.path, options.subtitles, time_offset=info.start_time)
-        except SubtitleError as e:
-            raise VideoError(info.path, f"subtitles: {e}") from None
+    subtitles = video_subtitles(info, options)
     stats = extract_frames(info, requests, store, quality=options.jpeg_quality, on_progress=on_frames)
     substitutes: Substitutes = {}
     if stats.missing:  # only a damaged video pays for a second look
@@ -391,41 +419,155 @@ def trees_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / "trees"
 
 
+def tree_cache_path(cache_dir: Path, video_id: str, options: SegmentOptions) -> Path:
+    """<cache>/trees/<video_id>/<options hash>.jsonl: where a video's records are kept for ask and eval."""
+    import hashlib
+    import json
+
+    settings = json.dumps(options.to_record(), sort_keys=True)
+    return trees_dir(cache_dir) / video_id / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _cached_records(path: Path, video: Path) -> list[dict]:
+    """The records kept for a video (path set to where it is now), or [] when there are none that read."""
+    import json
+
+    if not path.is_file():
+        return []
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError):
+        return []
+    for rec in records:  # the file may have moved since
+        rec["path"] = str(video)
+    return records
+
+
+def _video_id(path: Path) -> str:
+    if not path.is_file():
+        raise VideoError(path, "no such file" if not path.exists() else "not a file")
+    try:
+        return video_fingerprint(path)
+    except OSError as e:
+        raise VideoError(path, f"cannot read ({e.strerror})") from None
+
+
 def load_or_segment(path: "str | os.PathLike", options: SegmentOptions, cache_dir: Path,
                     on_frames: Callable[[int], None] | None = None,
                     on_plan: Callable[[int], None] | None = None) -> list[dict]:
-    """A video's node records, segmenting it only the first time (for `ask` and `eval`).
+    """A video's node records, segmenting it (every frame) only the first time.
 
     The records are kept under <cache>/trees/<video_id>/<options hash>.jsonl, so
     asking again, or about a moved copy of the same file, costs no decoding.
     `on_plan` and `on_frames` follow the decoding as in `segment_video` (never called for a cached tree).
     Raises VideoError with a one-line reason.
     """
-    import hashlib
-    import json
-
     from .jsonl import dumps, write_atomic
 
     path = Path(path)
-    if not path.is_file():
-        raise VideoError(path, "no such file" if not path.exists() else "not a file")
-    try:
-        video_id = video_fingerprint(path)
-    except OSError as e:
-        raise VideoError(path, f"cannot read ({e.strerror})") from None
-    settings = json.dumps(options.to_record(), sort_keys=True)
-    cached = trees_dir(cache_dir) / video_id / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.jsonl"
-    if cached.is_file():
-        try:
-            records = [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines() if line]
-        except (OSError, ValueError):
-            records = []
-        store = FrameStore(frames_dir(Path(cache_dir)))
-        if records and all(store.has(k) for k in records[0].get("frame_keys", [])):
-            for rec in records:  # the file may have moved since
-                rec["path"] = str(path)
-            return records
-    result = segment_video(path, options, FrameStore(frames_dir(Path(cache_dir))), on_frames=on_frames,
-                           on_plan=on_plan)
+    cached = tree_cache_path(cache_dir, _video_id(path), options)
+    records = _cached_records(cached, path)
+    store = FrameStore(frames_dir(Path(cache_dir)))
+    if records and not records[0].get(LAZY_FRAMES) and all(store.has(k) for k in records[0].get("frame_keys", [])):
+        return records
+    result = segment_video(path, options, store, on_frames=on_frames, on_plan=on_plan)
     write_atomic(cached, "".join(dumps(r) + "\n" for r in result.records))
     return result.records
+
+
+# -- the lazy path: the tree now, each node's frames when first read --------------------
+
+# Set on records whose frames may not be in the store yet: their frame keys name the frames
+# the node will show, and a reader decodes them on first use (frame_repair.read_node_frames).
+LAZY_FRAMES = "lazy_frames"
+
+
+def plan_video(path: "str | os.PathLike", options: SegmentOptions) -> tuple[VideoInfo, list[dict]]:
+    """A video's node records with no frame decoded: the demux-only probe, the tree, subtitles.
+    Raises VideoError with a one-line reason."""
+    from .frame_repair import probe_once
+
+    try:
+        info = probe_once(Path(path))
+    except OSError as e:
+        raise VideoError(path, f"cannot read ({e.strerror})") from None
+    check_readable_share(info, options.max_bad_frames)
+    tree = build_tree(info, options.tree)
+    records = node_records(info, tree, options, video_subtitles(info, options))
+    for rec in records:
+        rec[LAZY_FRAMES] = True
+    return info, records
+
+
+def extract_node_frames(info: VideoInfo, record: dict, prefix: str, store: FrameStore, *,
+                        quality: int = JPEG_QUALITY, on_progress: Callable[[int], None] | None = None) -> ExtractStats:
+    """Decode one set of a node's frames (prefix "" for the caption, "qa_" for video_qa) that the
+    store lacks, seeking to the keyframe before each group of them: bytes as `segment_video` stores.
+
+    A frame that does not decode is replaced by the nearest of the same node that does, as in
+    `segment_video`, and the record is updated to show it (its `missing` stay in the stats).
+    Raises VideoError naming the node when none of its frames decodes.
+    """
+    side, shown = record[f"{prefix}image_side"], record[f"{prefix}frame_indices"]
+    stats = extract_frames_at(info, [FrameRequest(i, side) for i in shown], store, quality=quality,
+                              on_progress=on_progress)
+    if not stats.missing:
+        return stats
+    with DecodableFrames(info) as decodable:
+        chosen = choose_substitutes(info, tuple(record["id"]), (record["start"], record["end"]),
+                                    tuple(record["frame_range"]), shown, set(stats.missing), decodable)
+    more = extract_frames_at(info, [FrameRequest(j, side) for j in chosen.values()], store, quality=quality)
+    if more.missing:
+        raise VideoError(info.path, f"frame {more.missing[0]} decoded once but not a second time")
+    stats.written += more.written
+    record.update(frame_fields(info, prefix, side, shown, chosen, record.get(f"{prefix}substituted_frames", [])))
+    return stats
+
+
+def extract_high_frames(info: VideoInfo, records: list[dict], options: SegmentOptions, store: FrameStore,
+                        on_frames: Callable[[int], None] | None = None,
+                        on_plan: Callable[[int], None] | None = None) -> None:
+    """Decode the K high nodes' frames (the first prompt shows their captions).
+
+    They span the whole video, so the share of sampled frames that do not decode is judged on
+    them (`max_bad_frames`); later nodes follow only the per-node rule.
+    """
+    high = [r for r in records if r["level"] == Level.HIGH.label]
+    requests = [FrameRequest(i, r["image_side"]) for r in high for i in r["frame_indices"]]
+    if on_plan:
+        on_plan(len({r for r in requests if not store.has(frame_key(info.video_id, r.index, r.side))}))
+    # They cover the whole video, so one pass skipping unneeded frames beats seeking to each group.
+    stats = extract_frames(info, requests, store, quality=options.jpeg_quality, on_progress=on_frames)
+    if stats.missing:
+        check_decoded_share(info, len(stats.missing), len({r.index for r in requests}), options.max_bad_frames)
+        for rec in high:  # substitutes, node by node
+            extract_node_frames(info, rec, "", store, quality=options.jpeg_quality)
+
+
+def load_or_plan(path: "str | os.PathLike", options: SegmentOptions, cache_dir: Path,
+                 on_frames: Callable[[int], None] | None = None,
+                 on_plan: Callable[[int], None] | None = None) -> list[dict]:
+    """A video's node records for `ask`, `eval`, `synthesize` and `rl`, decoding only the K high nodes'
+    frames; every other node's frames are decoded when a reader first needs them.
+
+    The records are kept as `load_or_segment` keeps them, and a tree it made is used as it is.
+    `on_plan` and `on_frames` follow the high nodes' decoding (called only when some is needed).
+    Raises VideoError with a one-line reason.
+    """
+    from .frame_repair import probe_once
+    from .jsonl import dumps, write_atomic
+
+    path = Path(path)
+    cached = tree_cache_path(cache_dir, _video_id(path), options)
+    records = _cached_records(cached, path)
+    store = FrameStore(frames_dir(Path(cache_dir)))
+    high = [k for r in records if r.get("level") == Level.HIGH.label for k in r.get("frame_keys", [])]
+    if records and all(store.has(k) for k in high):
+        return records
+    if records and records[0].get(LAZY_FRAMES):
+        info = probe_once(path)
+    else:
+        info, records = plan_video(path, options)
+    extract_high_frames(info, records, options, store, on_frames, on_plan)
+    write_atomic(cached, "".join(dumps(r) + "\n" for r in records))
+    return records
