@@ -19,10 +19,11 @@ VERBOSE_CHARS = 300             # think text and tool results, per --verbose lin
 
 
 class QuestionProgress:
-    """One question: frames while its video is segmented (silent for a cached tree), then its turns."""
+    """One question: the first level's frames while they are decoded (silent when its captions are
+    stored), then its turns."""
 
     def __init__(self, reporter: Reporter, video: "str | os.PathLike", *, on_tree=None, on_turn=None):
-        self.frames = reporter.frames(Path(video).name)
+        self.frames = reporter.frames(Path(video).name, doing="decoding the first level of")
         self.env: VideoEnv | None = None
         self._on_tree, self._on_turn = on_tree, on_turn
         self._captions_counted = 0
@@ -30,13 +31,17 @@ class QuestionProgress:
     @property
     def callbacks(self) -> AskCallbacks:
         return AskCallbacks(on_plan=self.frames.plan, on_frames=self.frames.update, on_tree=self._tree,
-                            on_turn=self._on_turn)
+                            on_turn=self._turn)
 
     def _tree(self, env: VideoEnv) -> None:
-        self.frames.close()
         self.env = env
         if self._on_tree is not None:
             self._on_tree(env)
+
+    def _turn(self, turn: Turn) -> None:
+        self.frames.close()  # the first turn comes after the first level's frames
+        if self._on_turn is not None:
+            self._on_turn(turn)
 
     def new_captions(self) -> int:
         """Captions made since the last call (the slow ones: those from the store cost nothing)."""

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .frames import (JPEG_QUALITY, FrameRequest, FrameStore, FrameStoreError, extract_frames_at, frame_key,
                      parse_frame_key)
@@ -113,34 +114,48 @@ def _quality(node: dict) -> int:
     return ((node.get("producer") or {}).get("options") or {}).get("jpeg_quality") or JPEG_QUALITY
 
 
-def frames_on_demand(store: FrameStore, node: dict, keys: list[str]) -> list[str]:
+# One decoder per video at a time: each extraction already uses every core, and readers then
+# get their nodes in the order they asked (the first high node is captioned while the rest decode).
+_decoding: dict[str, threading.Lock] = {}
+_decoding_guard = threading.Lock()
+
+
+def _decoding_lock(video_id: str) -> threading.Lock:
+    with _decoding_guard:
+        return _decoding.setdefault(video_id, threading.Lock())
+
+
+def frames_on_demand(store: FrameStore, node: dict, keys: list[str],
+                     on_progress: Callable[[int], None] | None = None) -> list[str]:
     """For a lazily planned node: decode its frame sets holding any of `keys` that the store lacks.
 
     A frame that does not decode is replaced by the nearest of the node that does, and the node
     record is updated in place (segment.extract_node_frames); the keys come back with such
-    replacements made. Raises FrameRepairError (one line, naming the node) when it cannot.
+    replacements made. `on_progress(n)` counts frames as they are stored.
+    Raises FrameRepairError (one line, naming the node) when it cannot.
     """
     from .segment import LAZY_FRAMES, extract_node_frames
 
-    absent = {key for key in keys if not store.has(key)}
-    if not node.get(LAZY_FRAMES) or not absent:
+    if not node.get(LAZY_FRAMES) or all(store.has(key) for key in keys):
         return keys
     video = node.get("path")
     if not video:
-        raise FrameRepairError(f"{store.path(sorted(absent)[0])} is not decoded yet, but the record names no video")
+        raise FrameRepairError(f"{store.path(keys[0])} is not decoded yet, but the record names no video")
     renamed: dict[str, str] = {}
     try:
-        info = probe_once(Path(video))
-        if info.video_id != node.get("video_id"):
-            raise FrameRepairError(f"{video} is not the video node {node.get('id')} was planned from")
-        for prefix in ("", "qa_"):
-            before = node.get(f"{prefix}frame_keys") or []
-            if absent & set(before):  # sets may share keys (a small video caps both sizes alike)
-                absent -= set(before)
-                extract_node_frames(info, node, prefix, store, quality=_quality(node))
-                side = node[f"{prefix}image_side"]
-                renamed.update((frame_key(info.video_id, i, side), frame_key(info.video_id, j, side))
-                               for i, j in node[f"{prefix}substituted_frames"])
+        with _decoding_lock(str(node.get("video_id"))):
+            absent = {key for key in keys if not store.has(key)}  # another reader may have decoded them
+            info = probe_once(Path(video)) if absent else None
+            if info is not None and info.video_id != node.get("video_id"):
+                raise FrameRepairError(f"{video} is not the video node {node.get('id')} was planned from")
+            for prefix in ("", "qa_"):
+                before = node.get(f"{prefix}frame_keys") or []
+                if absent & set(before):  # sets may share keys (a small video caps both sizes alike)
+                    absent -= set(before)
+                    extract_node_frames(info, node, prefix, store, quality=_quality(node), on_progress=on_progress)
+                side = node.get(f"{prefix}image_side")
+                renamed.update((frame_key(node["video_id"], i, side), frame_key(node["video_id"], j, side))
+                               for i, j in node.get(f"{prefix}substituted_frames") or [])
     except OSError as e:
         raise FrameRepairError(f"{video} cannot be read ({e.strerror})") from None
     except (VideoError, FrameStoreError) as e:

@@ -323,11 +323,19 @@ class _SpanDecoder:
     keyframe after the target means seeking further back, at last from the start.
     """
 
-    def __init__(self, info: VideoInfo):
+    def __init__(self, info: VideoInfo, *, one_thread: bool = False):
         self.info = info
+        self.one_thread = one_thread  # parallel workers each decode on one thread
         self.stats = ExtractStats()
         self.pts_to_index = {int(p): i for i, p in enumerate(info.frame_pts)}
-        self.container, self.stream = _open_video(info)
+        self.container, self.stream = self._open()
+
+    def _open(self):
+        container, stream = _open_video(self.info)
+        if self.one_thread:
+            stream.thread_type = "SLICE"
+            stream.thread_count = 1
+        return container, stream
 
     def close(self) -> None:
         self.container.close()
@@ -348,15 +356,24 @@ class _SpanDecoder:
                 return
             back = max(2 * back, 10 * ticks_per_s)
         self.container.close()  # no seek landed early enough: decode from the very start
-        self.container, self.stream = _open_video(self.info)
+        self.container, self.stream = self._open()
         yield from _demux(self.container, self.stream, self.stats)
 
-    def span(self, first: int, last: int) -> Iterator[tuple[int, object]]:
-        """(index, frame) for the frames first..last that come out of the decoder whole."""
+    def span(self, first: int, last: int, wanted_pts: set[int] | None = None) -> Iterator[tuple[int, object]]:
+        """(index, frame) for the frames first..last that come out of the decoder whole.
+
+        With `wanted_pts`, frames nobody wants are skipped where no other frame needs them
+        (`skip_frame=NONREF`, as in `extract_frames`), so they may not come out at all.
+        """
         codec = self.stream.codec_context
         codec.skip_frame = "DEFAULT"
+        skipping = "DEFAULT"
         for packet in self._packets_from(int(self.info.frame_pts[first])):
             codec = self.stream.codec_context  # the stream is new after a restart
+            if wanted_pts is not None and packet is not None and packet.size:
+                mode = "DEFAULT" if (packet.pts is None or packet.pts in wanted_pts) else "NONREF"
+                if mode != skipping or codec.skip_frame != mode:
+                    codec.skip_frame = skipping = mode
             for frame in _decode(codec, packet, self.stats):
                 index = self.pts_to_index.get(frame.pts) if frame.pts is not None else None
                 if index is None or index < first:
@@ -364,6 +381,33 @@ class _SpanDecoder:
                 if index > last:  # frames come out in presentation order
                     return
                 yield index, frame
+
+
+    def keyframe(self, index: int) -> Iterator[tuple[int, object]]:
+        """(index, frame) for one keyframe, decoded alone: its packet, then a flush (the packets
+        behind it are not needed to finish it). Nothing when it is not where the probe saw it."""
+        import av
+
+        target = int(self.info.frame_pts[index])
+        try:
+            self.container.seek(target, stream=self.stream, backward=True)
+        except av.error.FFmpegError:
+            self.stats.decode_errors += 1
+            return
+        codec = self.stream.codec_context
+        codec.skip_frame = "DEFAULT"
+        for packet in _demux(self.container, self.stream, self.stats):
+            if packet is None:
+                return
+            pts = packet.pts if packet.pts is not None else packet.dts
+            if pts is None or pts < target or not packet.size:
+                continue  # a seek may land a little early
+            if pts > target or not packet.is_keyframe:
+                return
+            for frame in _decode(codec, packet, self.stats) + _decode(codec, None, self.stats):
+                if frame.pts == target:
+                    yield index, frame
+            return
 
 
 class DecodableFrames:
@@ -419,19 +463,99 @@ def extract_frames_at(info: VideoInfo, requests: Iterable[FrameRequest], store: 
     want = _plan(info, requests, store, stats, replace)
     if not want:
         return stats
-    decoder = _SpanDecoder(info)
-    keyframes = [int(i) for i in info.frame_times.searchsorted(info.keyframe_times)]
-
-    def decoded():
-        for first, last in _spans(sorted(want), keyframes):
-            yield from decoder.span(first, last)
-
-    try:
-        _store_wanted(decoded(), want, _JpegWriter(info, want, store, quality, None, on_progress), stats)
-    finally:
-        decoder.close()
-    stats.frames_decoded, stats.decode_errors = decoder.stats.frames_decoded, decoder.stats.decode_errors
+    keyframes = info.keyframe_indices
+    spans = _spans(sorted(want), keyframes)
+    wanted_pts = {int(info.frame_pts[i]) for i in want}
+    writer = _JpegWriter(info, want, store, quality, None, on_progress)
+    _store_wanted(_decode_spans(info, spans, wanted_pts, set(keyframes), stats), want, writer, stats)
     return stats
+
+
+# Spans per worker below which one decoder with libavcodec's own threads does as well.
+SPANS_PER_WORKER = 4
+
+
+def _decode_spans(info: VideoInfo, spans: list[tuple[int, int]], wanted_pts: set[int], keyframes: set[int],
+                  stats: ExtractStats, workers: int | None = None) -> Iterator[tuple[int, object]]:
+    """(index, frame) for the frames of every span, in completion order.
+
+    Spans start at a keyframe's group of pictures and do not depend on each other, so they are
+    split over parallel workers, each decoding on one thread (QuickVideo's keyframe-parallel
+    decoding); a few spans go to one decoder with frame threads instead.
+    """
+    import queue
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(spans) // SPANS_PER_WORKER))
+
+    def run(decoder: _SpanDecoder, chunk: list[tuple[int, int]]) -> Iterator[tuple[int, object]]:
+        for first, last in chunk:
+            if first == last and first in keyframes:
+                yield from decoder.keyframe(first)
+            else:
+                yield from decoder.span(first, last, wanted_pts)
+
+    def merge(decoder: _SpanDecoder) -> None:
+        stats.frames_decoded += decoder.stats.frames_decoded
+        stats.decode_errors += decoder.stats.decode_errors
+
+    if workers == 1:
+        decoder = _SpanDecoder(info)
+        try:
+            yield from run(decoder, spans)
+        finally:
+            decoder.close()
+            merge(decoder)
+        return
+
+    done: queue.Queue = queue.Queue(maxsize=4 * workers)  # bounded: each frame is a full picture
+    stop = threading.Event()
+    decoders: list[_SpanDecoder] = []
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                done.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work(chunk: list[tuple[int, int]]) -> None:
+        try:
+            decoder = _SpanDecoder(info, one_thread=True)
+            decoders.append(decoder)
+            try:
+                for item in run(decoder, chunk):
+                    if not hand_over(item):
+                        return
+            finally:
+                decoder.close()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consuming thread
+            hand_over(e)
+        finally:
+            hand_over(None)
+
+    # Interleaved, so each worker's share spreads over the video (and so over its costly parts).
+    threads = [threading.Thread(target=work, args=(spans[w::workers],), name="lvr-decode", daemon=True)
+               for w in range(workers)]
+    for t in threads:
+        t.start()
+    finished = 0
+    try:
+        while finished < len(threads):
+            item = done.get()
+            if item is None:
+                finished += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()  # the consumer may stop early: workers see this and end
+        for t in threads:
+            t.join()
+        for decoder in decoders:
+            merge(decoder)
 
 
 def _spans(indices: list[int], keyframes: list[int]) -> list[tuple[int, int]]:

@@ -13,6 +13,8 @@ are facts in VideoInfo, not errors.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import os
@@ -81,6 +83,12 @@ class VideoInfo:
     demux_error: str = ""     # why the packet scan stopped early ("" when it read to the end)
     has_audio: bool = False
     streams: list[dict] = field(default_factory=list)
+
+    @functools.cached_property
+    def keyframe_indices(self) -> list[int]:
+        """Sorted frame indices of the keyframes (the times above come from the same pts arithmetic)."""
+        found = self.frame_times.searchsorted(self.keyframe_times)
+        return sorted({int(i) for i in found if i < self.n_frames})
 
     @property
     def unreadable_frames(self) -> int:

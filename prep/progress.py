@@ -61,41 +61,53 @@ class Reporter:
         return tqdm(total=total, desc=desc, unit=unit, leave=leave, bar_format=bar_format, dynamic_ncols=True,
                     file=sys.stderr, disable=not (self.enabled and self.terminal))
 
-    def frames(self, name: str, *, every_s: float = FRAME_LINE_EVERY_S) -> "FrameProgress":
-        return FrameProgress(self, name, every_s=every_s)
+    def frames(self, name: str, *, every_s: float = FRAME_LINE_EVERY_S,
+               doing: str = "segmenting") -> "FrameProgress":
+        return FrameProgress(self, name, every_s=every_s, doing=doing)
 
 
 class FrameProgress:
     """Frames decoded from one video: a bar on a terminal; off one, a line at the start, at most
     every `every_s` seconds, and at the end.
 
-    Nothing shows until `plan` is called, so a tree loaded from the cache stays silent.
-    `plan` and `update` may come from a worker thread (segmenting runs in one).
+    Nothing shows until `plan` is called and a first frame stored, so a cached tree stays silent.
+    `plan` and `update` may come from a worker thread (decoding runs in one).
     """
 
-    def __init__(self, reporter: Reporter, name: str, *, every_s: float = FRAME_LINE_EVERY_S):
+    def __init__(self, reporter: Reporter, name: str, *, every_s: float = FRAME_LINE_EVERY_S,
+                 doing: str = "segmenting"):
         self.reporter = reporter
         self.name = name
+        self.doing = doing   # what the lines say: "segmenting NAME: ..."
         self.every_s = every_s
         self.total = 0
         self.done = 0
         self.started: float | None = None
         self._last_line = 0.0
         self._bar = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def plan(self, total: int) -> None:
+        """Frames there are to decode. Nothing shows until the first of them is stored: another
+        worker (a concurrent question on the same video) may decode them all first."""
         with self._lock:
             self.total, self.done = total, 0
-            self.started = self._last_line = time.perf_counter()
-            self._bar = self.reporter.bar(f"segment {self.name}", total=total, unit="frame", leave=False)
+
+    def _start(self) -> None:
+        self.started = self._last_line = time.perf_counter()
+        self._bar = self.reporter.bar(f"{self.doing} {self.name}", total=self.total, unit="frame", leave=False)
         if not self.reporter.terminal:
-            self.reporter.line(f"segmenting {self.name}: {total} frames to decode")
+            self.reporter.line(f"{self.doing} {self.name}: {self.total} frames to decode")
 
     def update(self, n: int) -> None:
         with self._lock:
-            if self._bar is None:
+            if self.total == 0 or n <= 0:
                 return
+            if self._bar is None:
+                if self._closed:
+                    return
+                self._start()
             self.done += n
             self._bar.update(n)
             now = time.perf_counter()
@@ -103,15 +115,15 @@ class FrameProgress:
             if due:
                 self._last_line = now
         if due:
-            self.reporter.line(f"segmenting {self.name}: {self.done}/{self.total} frames")
+            self.reporter.line(f"{self.doing} {self.name}: {self.done}/{self.total} frames")
 
     def close(self, ok: bool = True) -> None:
         """End the bar; off a terminal, say how long the decoding took (only when there was some)."""
         with self._lock:
-            bar, self._bar = self._bar, None
+            bar, self._bar, self._closed = self._bar, None, True
         if bar is None:
             return
         bar.close()
         if ok and not self.reporter.terminal:
-            self.reporter.line(f"segmented {self.name}: {self.done} frames in "
+            self.reporter.line(f"{self.doing} {self.name}: {self.done} frames in "
                                f"{time.perf_counter() - self.started:.1f} s")

@@ -17,7 +17,7 @@ node's frames are decoded into the same store the first time a reader needs
 them (`extract_node_frames`), seeking to the keyframe before each group of
 frames. The same per-node substitution rule applies; the whole-video share
 (`max_bad_frames`) can only be judged on what was decoded, so it is checked on
-the K high nodes' frames, decoded when the tree is made.
+the K high nodes' frames once they are in (`check_first_level`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .cache import frames_dir
 from .frames import (JPEG_QUALITY, DecodableFrames, ExtractStats, FrameRequest, FrameStore, effective_side,
                      extract_frames, extract_frames_at, frame_key)
 from .jsonl import JsonlWriter
+from .keyframe_snap import snap_to_keyframes, tolerance_for
 from .options import check_options, option
 from .probe import VideoError, VideoInfo, probe_video, video_fingerprint
 from .subtitles import SubtitleError, SubtitleLine, lines_overlapping, load_subtitles
@@ -131,21 +132,41 @@ def find_videos(inputs: Iterable[str]) -> tuple[list[Path], list[VideoError]]:
     return paths, errors
 
 
-def sample_sets(info: VideoInfo, tree: Tree, node: Node,
-                options: SegmentOptions) -> list[tuple[str, int, list[int]]]:
-    """A node's sampled frames as (record field prefix, image side, frame indices):
-    its caption frames (prefix ""), and for leaves with qa_frames its video_qa frames ("qa_")."""
-    sets = [("", effective_side(info, options.tree.image_side(node.level)),
-             tree.sampled_frames(node.id, options.tree))]
+@dataclass(frozen=True)
+class SampleSet:
+    """One set of a node's frames: its caption frames (prefix "") or a leaf's video_qa frames ("qa_")."""
+
+    prefix: str
+    side: int                 # longest image side
+    indices: list[int]        # frames to show, before any substitution
+    sampling: dict | None = None   # keyframe sampling: mode, tolerance, max offset, frames asked for
+
+# Levels whose frames keyframe sampling may move; low nodes are short and video_qa looks closely.
+KEYFRAME_LEVELS = (Level.HIGH, Level.MEDIUM)
+
+
+def sample_sets(info: VideoInfo, tree: Tree, node: Node, options: SegmentOptions) -> list[SampleSet]:
+    """A node's sampled frames: its caption frames, and for leaves with qa_frames its video_qa frames."""
+    sampled = tree.sampled_frames(node.id, options.tree)
+    side = effective_side(info, options.tree.image_side(node.level))
+    if options.tree.frame_sampling == "keyframe" and node.level in KEYFRAME_LEVELS:
+        snapped = snap_to_keyframes(sampled, info.frame_times, info.keyframe_indices,
+                                    (node.start_frame, node.stop_frame), options.tree.keyframe_tolerance)
+        tolerance = tolerance_for(sampled, info.frame_times, options.tree.keyframe_tolerance)
+        sampling = {"mode": "keyframe", "tolerance": round(float(tolerance), 4),
+                    "max_offset": snapped.max_offset, "asked": len(sampled), "keyframes": snapped.keyframes}
+        sets = [SampleSet("", side, snapped.indices, sampling)]
+    else:
+        sets = [SampleSet("", side, sampled)]
     if options.qa_frames and node.level == Level.LOW:
-        sets.append(("qa_", effective_side(info, options.tree.qa_side), tree.qa_frames(node.id, options.tree)))
+        sets.append(SampleSet("qa_", effective_side(info, options.tree.qa_side), tree.qa_frames(node.id, options.tree)))
     return sets
 
 
 def plan_requests(info: VideoInfo, tree: Tree, options: SegmentOptions) -> list[FrameRequest]:
     """Every (frame, size) the tree's records point at."""
-    return [FrameRequest(i, side) for node in tree.nodes()
-            for _, side, indices in sample_sets(info, tree, node, options) for i in indices]
+    return [FrameRequest(i, ss.side) for node in tree.nodes()
+            for ss in sample_sets(info, tree, node, options) for i in ss.indices]
 
 
 # (node id, record field prefix) -> {sampled frame that did not decode: frame used instead}
@@ -163,9 +184,13 @@ def check_readable_share(info: VideoInfo, max_bad_frames: float) -> None:
 
 def check_decoded_share(info: VideoInfo, missing: int, sampled: int, max_bad_frames: float) -> None:
     """Refuse a video when more than the allowed share of its sampled frames do not decode."""
+    check_decoded_share_of(info.path, missing, sampled, max_bad_frames)
+
+
+def check_decoded_share_of(path: str, missing: int, sampled: int, max_bad_frames: float) -> None:
     if missing and missing / sampled > max_bad_frames:
-        raise VideoError(info.path, f"{missing} of the {sampled} sampled frames do not decode "
-                                    f"({missing / sampled:.1%}, max_bad_frames allows {max_bad_frames:.1%})")
+        raise VideoError(path, f"{missing} of the {sampled} sampled frames do not decode "
+                               f"({missing / sampled:.1%}, max_bad_frames allows {max_bad_frames:.1%})")
 
 
 def nearest_decodable(wanted: int, start: int, stop: int, shown: set[int],
@@ -193,11 +218,11 @@ def substitute_frames(info: VideoInfo, tree: Tree, options: SegmentOptions, miss
     subs: Substitutes = {}
     with DecodableFrames(info) as decodable:
         for node in tree.nodes():
-            for prefix, _, sampled in sample_sets(info, tree, node, options):
-                if any(i in bad for i in sampled):
-                    subs[(node.id, prefix)] = choose_substitutes(
+            for ss in sample_sets(info, tree, node, options):
+                if any(i in bad for i in ss.indices):
+                    subs[(node.id, ss.prefix)] = choose_substitutes(
                         info, node.id, (node.start, node.end), (node.start_frame, node.stop_frame),
-                        sampled, bad, decodable)
+                        ss.indices, bad, decodable)
     return subs
 
 
@@ -222,9 +247,9 @@ def choose_substitutes(info: VideoInfo, node_id: NodeId, span: tuple[float, floa
 def store_substitutes(info: VideoInfo, tree: Tree, options: SegmentOptions, subs: Substitutes,
                       store: FrameStore) -> ExtractStats:
     """Decode the frames chosen as substitutes into the store (seeking to each)."""
-    requests = [FrameRequest(j, side) for node in tree.nodes()
-                for prefix, side, _ in sample_sets(info, tree, node, options)
-                for j in subs.get((node.id, prefix), {}).values()]
+    requests = [FrameRequest(j, ss.side) for node in tree.nodes()
+                for ss in sample_sets(info, tree, node, options)
+                for j in subs.get((node.id, ss.prefix), {}).values()]
     stats = extract_frames_at(info, requests, store, quality=options.jpeg_quality)
     if stats.missing:
         raise VideoError(info.path, f"frame {stats.missing[0]} decoded once but not a second time")
@@ -279,8 +304,10 @@ def node_records(info: VideoInfo, tree: Tree, options: SegmentOptions,
             "end": _round(node.end),
             "frame_range": [node.start_frame, node.stop_frame],
         }
-        for prefix, side, sampled in sample_sets(info, tree, node, options):
-            rec.update(frame_fields(info, prefix, side, sampled, substitutes.get((node.id, prefix), {})))
+        for ss in sample_sets(info, tree, node, options):
+            rec.update(frame_fields(info, ss.prefix, ss.side, ss.indices, substitutes.get((node.id, ss.prefix), {})))
+            if ss.sampling:
+                rec[f"{ss.prefix}frame_sampling"] = ss.sampling
         rec["subtitles"] = [s.to_record() for s in lines_overlapping(subtitles, node.start, node.end)]
         if clips is not None and node.id in clips:
             rec["clip"] = clips[node.id]
@@ -524,50 +551,42 @@ def extract_node_frames(info: VideoInfo, record: dict, prefix: str, store: Frame
     return stats
 
 
-def extract_high_frames(info: VideoInfo, records: list[dict], options: SegmentOptions, store: FrameStore,
-                        on_frames: Callable[[int], None] | None = None,
-                        on_plan: Callable[[int], None] | None = None) -> None:
-    """Decode the K high nodes' frames (the first prompt shows their captions).
-
-    They span the whole video, so the share of sampled frames that do not decode is judged on
-    them (`max_bad_frames`); later nodes follow only the per-node rule.
-    """
-    high = [r for r in records if r["level"] == Level.HIGH.label]
-    requests = [FrameRequest(i, r["image_side"]) for r in high for i in r["frame_indices"]]
-    if on_plan:
-        on_plan(len({r for r in requests if not store.has(frame_key(info.video_id, r.index, r.side))}))
-    # They cover the whole video, so one pass skipping unneeded frames beats seeking to each group.
-    stats = extract_frames(info, requests, store, quality=options.jpeg_quality, on_progress=on_frames)
-    if stats.missing:
-        check_decoded_share(info, len(stats.missing), len({r.index for r in requests}), options.max_bad_frames)
-        for rec in high:  # substitutes, node by node
-            extract_node_frames(info, rec, "", store, quality=options.jpeg_quality)
+def check_first_level(high: list[dict]) -> None:
+    """The whole-video share rule on the lazy path, judged on the K high nodes' frames once they are
+    decoded (together they span the video): VideoError when too many had to be substituted."""
+    substituted = sum(len(r.get("substituted_frames") or []) for r in high)
+    shown = sum(len(r.get("frame_indices") or []) for r in high)
+    if high and substituted:
+        options = (high[0].get("producer") or {}).get("options") or {}
+        limit = options.get("max_bad_frames", SegmentOptions.max_bad_frames)
+        check_decoded_share_of(high[0].get("path", ""), substituted, shown, limit)
 
 
-def load_or_plan(path: "str | os.PathLike", options: SegmentOptions, cache_dir: Path,
-                 on_frames: Callable[[int], None] | None = None,
-                 on_plan: Callable[[int], None] | None = None) -> list[dict]:
-    """A video's node records for `ask`, `eval`, `synthesize` and `rl`, decoding only the K high nodes'
-    frames; every other node's frames are decoded when a reader first needs them.
+def load_or_plan(path: "str | os.PathLike", options: SegmentOptions, cache_dir: Path) -> list[dict]:
+    """A video's node records for `ask`, `eval`, `synthesize` and `rl`, with nothing decoded: each
+    node's frames are decoded when a reader first needs them (`frame_repair.frames_on_demand`).
 
     The records are kept as `load_or_segment` keeps them, and a tree it made is used as it is.
-    `on_plan` and `on_frames` follow the high nodes' decoding (called only when some is needed).
     Raises VideoError with a one-line reason.
     """
-    from .frame_repair import probe_once
     from .jsonl import dumps, write_atomic
 
     path = Path(path)
     cached = tree_cache_path(cache_dir, _video_id(path), options)
     records = _cached_records(cached, path)
-    store = FrameStore(frames_dir(Path(cache_dir)))
-    high = [k for r in records if r.get("level") == Level.HIGH.label for k in r.get("frame_keys", [])]
-    if records and all(store.has(k) for k in high):
+    if records:
         return records
-    if records and records[0].get(LAZY_FRAMES):
-        info = probe_once(path)
-    else:
-        info, records = plan_video(path, options)
-    extract_high_frames(info, records, options, store, on_frames, on_plan)
+    _, records = plan_video(path, options)
     write_atomic(cached, "".join(dumps(r) + "\n" for r in records))
     return records
+
+
+def keep_substitutes(records: list[dict], options: SegmentOptions, cache_dir: Path) -> None:
+    """Write a lazily planned tree back to the cache once reading it replaced frames that do not
+    decode, so later runs show the same frames without decoding to find them again."""
+    from .jsonl import dumps, write_atomic
+
+    if records and records[0].get(LAZY_FRAMES) and any(
+            r.get("substituted_frames") or r.get("qa_substituted_frames") for r in records):
+        write_atomic(tree_cache_path(cache_dir, records[0]["video_id"], options),
+                     "".join(dumps(r) + "\n" for r in records))

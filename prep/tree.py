@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterator, Sequence
 
+from .keyframe_snap import SAMPLING_MODES
 from .options import OptionError, check_options, option
 
 NodeId = tuple[int, ...]
@@ -80,6 +81,18 @@ class TreeOptions:
     min_side: int = option(140, "--min-side", min=1, panel=TREE_PANEL, help="Floor on the longest image side.")
     qa_side: int = option(1024, "--qa-side", min=1, panel=TREE_PANEL,
                           help="Longest image side of video_qa frames.")
+    frame_sampling: str = option(
+        "exact", "--frame-sampling", choices=SAMPLING_MODES, panel=TREE_PANEL,
+        help="How high and medium nodes pick their frames: exact (evenly spread, as in the paper) or keyframe "
+             "(the nearest keyframe within --keyframe-tolerance of each sampled time: fewer, distinct frames, "
+             "and a long video is not decoded in full). Low nodes and video_qa are always exact. Default: "
+             "keyframe for ask (a fresh 1-hour video's first request goes out after seconds, not after a full "
+             "decode); exact elsewhere (scores and trajectories see the paper's frames, and segment decodes "
+             "every level in one pass anyway).")
+    keyframe_tolerance: float = option(
+        5.0, "--keyframe-tolerance", min=0.0, metavar="SECONDS", panel=TREE_PANEL,
+        help="With keyframe sampling: how far a picked frame may be from its sampled time (never less than "
+             "half the sampling interval). 5 s is half of x264's default GOP at 25 fps.")
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -12,7 +12,7 @@ from lvr.prep.caption_store import STORE_FILENAME
 from lvr.prep.frame_repair import FrameRepairError, read_node_frames
 from lvr.prep.frames import FrameStore, parse_frame_key
 from lvr.prep.probe import VideoError
-from lvr.prep.segment import LAZY_FRAMES, SegmentOptions, load_or_plan, plan_video, segment_video
+from lvr.prep.segment import LAZY_FRAMES, SegmentOptions, check_first_level, load_or_plan, plan_video, segment_video
 from lvr.prep.tree import Level, sample_indices
 from lvr_test_helpers import load_jsonl, model_flags, run_lvr, scripted
 from synthetic_media import make_frame_number_video, read_frame_number
@@ -124,12 +124,20 @@ def test_a_bad_frame_is_replaced_within_its_node_when_the_node_is_read(clean, tm
 def test_a_node_with_nothing_decodable_fails_alone_naming_it(clean, tmp_path):
     dead_start = damage(clean, tmp_path / "dead_start.mp4", [0])  # the first group of pictures is lost
     cache = tmp_path / "cache"
-    # The share of bad frames is judged on what was decoded: the high nodes' frames.
+    store = FrameStore(cache / "frames")
+    # The share of bad frames is judged on what was decoded: the high nodes' frames, once read.
+    records = {tuple(r["id"]): r for r in load_or_plan(dead_start, OPTIONS, cache)}
+    high = [records[(h,)] for h in range(1, 5)]
+    for rec in high:
+        read_node_frames(store, rec, rec["frame_keys"])
     with pytest.raises(VideoError, match="sampled frames do not decode"):
-        load_or_plan(dead_start, OPTIONS, cache)
+        check_first_level(high)
     records = {tuple(r["id"]): r for r in load_or_plan(dead_start, SegmentOptions(qa_frames=True, max_bad_frames=1),
                                                        cache)}
-    store = FrameStore(cache / "frames")
+    high = [records[(h,)] for h in range(1, 5)]
+    for rec in high:
+        read_node_frames(store, rec, rec["frame_keys"])
+    check_first_level(high)  # allowed by this max_bad_frames
     assert [read_frame_number(store.image(k)) for k in records[(1,)]["frame_keys"]] \
         == records[(1,)]["frame_indices"]
     with pytest.raises(FrameRepairError, match=r"no frame of node \(1, 1\) \(0\.00-0\.80 s\) decodes"):
