@@ -9,11 +9,11 @@ import typer
 
 from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, NoSubtitlesOption, OutputOption, QuietOption,
                      fail_usage, naming, say, say_error, tokens_phrase)
-from .model_options import NAVIGATOR
+from .model_options import ASK_NAVIGATOR
 from .options import takes
 
 
-@takes(nav=NAVIGATOR)
+@takes(nav=ASK_NAVIGATOR)
 def ask_command(
     video: Path = typer.Argument(..., metavar="VIDEO", help="A local video file."),
     question: str = typer.Argument(..., metavar="QUESTION", help="The question, in quotes."),

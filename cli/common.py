@@ -30,7 +30,7 @@ EXIT_USAGE = 2
 # Names of every subcommand, so a config table for another command is not
 # mistaken for an option.
 COMMAND_NAMES = ("segment", "caption", "ask", "eval", "synthesize", "sft", "rl",
-                 "questions", "dpo", "doctor")
+                 "questions", "dpo", "doctor", "protocol")
 
 
 def _read_config(path: Path) -> dict:
@@ -97,17 +97,20 @@ def config_defaults(command: "Command", name: str, data: dict, source: Path) -> 
     defaults: dict[str, Any] = {}
     for key, val in data.items():
         k = _norm(key)
-        if k in COMMAND_NAMES:
+        if k in COMMAND_NAMES and (isinstance(val, dict) or k not in everywhere):
             if not isinstance(val, dict):
                 raise typer.BadParameter(f"{source}: [{k}] must be a table of options", param_hint="--config")
             continue
+        # A name that is both a command and an option ("protocol") is the option unless it holds a table.
         if k not in everywhere:
             raise _unknown_key(key, everywhere | set(COMMAND_NAMES), str(source))
         if k in params:
             defaults[k] = val
     section = data.get(name) or {}
     if not isinstance(section, dict):
-        raise typer.BadParameter(f"{source}: [{name}] must be a table of options", param_hint="--config")
+        if name not in everywhere:
+            raise typer.BadParameter(f"{source}: [{name}] must be a table of options", param_hint="--config")
+        section = {}  # the option of the same name, read above
     for key, val in section.items():
         k = _norm(key)
         if k not in params:

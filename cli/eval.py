@@ -9,13 +9,15 @@ import typer
 
 from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, FormatOption, OutputOption, VideoDirOption, QuietOption, fail_usage,
                      say, say_error, tokens_phrase)
+from ..infer.evaluate import EvalOptions
 from .model_options import NAVIGATOR
-from .options import takes
+from .options import Group, takes
 
 DATA_PANEL = "Questions"
+SCORING = Group(EvalOptions, only=("scoring",), panel=DATA_PANEL, build=lambda values: values["scoring"])
 
 
-@takes(nav=NAVIGATOR)
+@takes(nav=NAVIGATOR, scoring=SCORING)
 def eval_command(
     questions: str = typer.Argument(..., metavar="QUESTIONS|-",
                                     help="Questions with answers: native JSONL, LVBench, Video-MME or MLVU dev "
@@ -39,7 +41,7 @@ def eval_command(
     cache_dir: Optional[Path] = CacheDirOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    nav=None,
+    nav=None, scoring=None,
 ) -> None:
     """Answer a benchmark's questions by navigation, and score them.
 
@@ -49,6 +51,9 @@ def eval_command(
     settings. A rerun skips answered questions. The summary (accuracy overall
     and per category, mean rounds, caption calls against the K+K²+K³ an
     exhaustive method needs, tokens, time) covers the whole output file.
+    --scoring reference scores as LongVideo-R1's eval/evaluation.py does (the
+    answer text equal to the key, no answer counted as A); records and summary
+    name the rule, and the summary gives the accuracy under both.
 
     Exit status: 0 all answered, 1 some questions failed (each named on stderr), 2 usage error.
 
@@ -59,9 +64,11 @@ def eval_command(
       lvr eval videomme.jsonl --no-subtitles --video-dir videomme/data --config configs/vllm.yaml -o vmme.jsonl
 
       lvr eval MLVU/json --format mlvu --video-dir MLVU/video --min-width 3 --config configs/vllm.yaml -o mlvu.jsonl
+
+      lvr eval lvbench.jsonl --scoring reference --video-dir lvbench/videos --config configs/vllm.yaml -o lvbench.jsonl
     """
     from ..infer.benchmarks import EVAL_FORMATS, EvalFormatError
-    from ..infer.evaluate import EvalOptions, run_eval
+    from ..infer.evaluate import run_eval
     from ..prep.cache import resolve_cache_dir
     from ..prep.models.base import ModelError
     from ..prep.progress import Reporter
@@ -74,7 +81,8 @@ def eval_command(
     try:
         options = EvalOptions(format=format, subtitles=subtitles,
                               videomme_duration=None if videomme_duration == "all" else videomme_duration,
-                              video_dir=video_dir, concurrency=question_concurrency, max_questions=max_questions)
+                              video_dir=video_dir, concurrency=question_concurrency, max_questions=max_questions,
+                              scoring=scoring)
         result = run_eval(questions, output, nav, resolve_cache_dir(cache_dir), options, summary_path=summary,
                           traces_path=traces, log=reporter.line, reporter=reporter)
     except (ModelError, EvalFormatError, ValueError, OSError) as e:
@@ -88,7 +96,8 @@ def eval_command(
     if not r["questions"]:
         say(f"lvr eval: {counts}; nothing to score ({result.seconds:.1f} s).")
     else:
-        say(f"lvr eval: {counts}. Accuracy {r['correct']}/{r['questions']} = {r['accuracy']:.1%}; "
+        say(f"lvr eval: {counts}. Accuracy ({r['scoring']} scoring) {r['correct']}/{r['questions']} = "
+            f"{r['accuracy']:.1%}; "
             f"{r['mean_rounds']:.1f} rounds and {r['mean_caption_calls']:.1f} caption calls per question "
             f"(a full captioning would need {r['mean_exhaustive_captions']:.0f}); {tokens_phrase(r['tokens'])}; "
             f"{r['segment_seconds']:.1f} s segmenting; {result.seconds:.1f} s in all.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import ask, caption, doctor, dpo, eval, questions, rl, segment, sft, synthesize
+from . import ask, caption, doctor, dpo, eval, protocol, questions, rl, segment, sft, synthesize
 
 app = typer.Typer(
     name="lvr",
@@ -44,6 +44,7 @@ COMMANDS = {
     "dpo": dpo.dpo_command,
     "rl": rl.rl_command,
     "doctor": doctor.doctor_command,
+    "protocol": protocol.protocol_command,
 }
 for _name, _func in COMMANDS.items():
     app.command(_name)(_func)

@@ -27,10 +27,13 @@ NAVIGATOR_SAMPLING = Group(SamplingOptions, panel=AGENT_PANEL)
 CAPTION_SAMPLING = Group(SamplingOptions, prefix="caption", only=("max_tokens", "temperature", "system_prompt"),
                          defaults={"max_tokens": None}, panel=CAPTION_PANEL,
                          notes={"max_tokens": "Default: 600 for low nodes, 1200 for medium and high ones."})
-QA_SAMPLING = Group(SamplingOptions, prefix="qa", only=("max_tokens",), defaults={"max_tokens": 512},
-                    panel=QA_PANEL)
+QA_SAMPLING = Group(SamplingOptions, prefix="qa", only=("max_tokens", "system_prompt"),
+                    defaults={"max_tokens": 512}, panel=QA_PANEL)
 AGENT = Group(AgentOptions)
 TREE = Group(TreeOptions)
+# `ask` answers about a fresh video while the user waits: keyframe sampling (see its help and
+# bench/ask_cold_start.py) sends a long video's first request within seconds, not after a full decode.
+ASK_TREE = Group(TreeOptions, defaults={"frame_sampling": "keyframe"})
 
 
 def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling: SamplingOptions,
@@ -51,27 +54,32 @@ def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling
         reasoning=roles.reasoning, caption=roles.caption, qa=roles.qa,
         agent=replace(agent, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed),
         tree=tree, captioning=captioning, system_prompt_file=sampling.system_prompt,
-        caption_prompt_file=caption_sampling.system_prompt, qa_max_tokens=qa_sampling.max_tokens)
+        caption_prompt_file=caption_sampling.system_prompt, qa_prompt_file=qa_sampling.system_prompt,
+        qa_max_tokens=qa_sampling.max_tokens)
 
 
 NAVIGATOR = Bundle((MAIN_ROLE, CONNECTION, NAVIGATOR_SAMPLING, CAPTION_ROLE, CAPTION_SAMPLING, QA_ROLE, QA_SAMPLING,
                     AGENT, TREE), build=navigator_options)
+ASK_NAVIGATOR = Bundle(NAVIGATOR.groups[:-1] + (ASK_TREE,), build=navigator_options)
 
 
-# `lvr rl` trains the reasoning model in process; it takes the other roles, the tree and the prompt.
+# `lvr rl` trains the reasoning model in process; it takes the other roles, the tree, the prompt and
+# the protocol.
 RL_PROMPT = Group(SamplingOptions, only=("system_prompt",), panel=AGENT_PANEL)
-RL_ROLES = Bundle((CAPTION_ROLE, CAPTION_SAMPLING, QA_ROLE, QA_SAMPLING, CONNECTION, RL_PROMPT, TREE),
+RL_PROTOCOL = Group(AgentOptions, only=("protocol",), panel=AGENT_PANEL)
+RL_ROLES = Bundle((CAPTION_ROLE, CAPTION_SAMPLING, QA_ROLE, QA_SAMPLING, CONNECTION, RL_PROMPT, RL_PROTOCOL, TREE),
                   build=lambda *groups: groups)
 
 
 def rl_navigator_options(roles: tuple, *, model: str, max_turns: int, max_invalid: int, max_tokens: int,
                          temperature: float, seed: int | None):
     """NavigatorOptions for `lvr rl`'s rollouts: the policy in process, the other roles as given."""
-    caption, caption_sampling, qa, qa_sampling, connection, prompt, tree = roles
+    caption, caption_sampling, qa, qa_sampling, connection, prompt, protocol, tree = roles
     return navigator_options(
         RoleOptions(backend="transformers", model=model), connection,
         SamplingOptions(max_tokens=max_tokens, temperature=temperature, seed=seed, system_prompt=prompt.system_prompt),
-        caption, caption_sampling, qa, qa_sampling, AgentOptions(max_rounds=max_turns, max_invalid=max_invalid), tree)
+        caption, caption_sampling, qa, qa_sampling,
+        AgentOptions(max_rounds=max_turns, max_invalid=max_invalid, protocol=protocol.protocol), tree)
 
 
 # The trainers' --seed is the one --seed, with the training default.

@@ -24,7 +24,8 @@ ROLLOUT_SAMPLING = Group(SamplingOptions, only=("max_tokens", "temperature", "se
        agent=Group(AgentOptions, only=("max_invalid",), panel=ROLLOUT_PANEL), roles=RL_ROLES)
 def rl_command(
     qa: str = typer.Argument(..., metavar="QA.jsonl",
-                             help="QA items with clue intervals: native lvr.qa/1 JSONL or CG-Bench JSON."),
+                             help="QA items, with clue intervals (or without: answer-only reward): native "
+                                  "lvr.qa/1 JSONL or CG-Bench JSON."),
     output: Path = RequiredOutputOption,
     video_dir: Optional[Path] = VideoDirOption,
     format: str = FormatOption,
@@ -44,7 +45,9 @@ def rl_command(
     tokens are masked out of the loss. The reward is
     w_answer*answer + w_localisation*F1 - w_repeat*repeat (+ w_center_distance*CD),
     every part logged per step with turns per rollout, the share of invalid
-    turns and the KL.
+    turns and the KL. --reward reference computes the terms exactly as
+    LongVideo-R1's own reward does; an item without clue intervals is scored by
+    w_answer*answer alone under either rule.
 
     Captions come from the shared caption store; name the captioner that made
     them with --caption-model (and give it an endpoint, --caption-base-url, to
@@ -65,12 +68,15 @@ def rl_command(
 
       lvr rl qa.jsonl --config configs/rl_qwen3_8b.yaml --vllm colocate --kl-argument-scale 0.1 -o navigator-rl
 
+      CUDA_VISIBLE_DEVICES=0,1,2,3,4,5 accelerate launch --config_file configs/accelerate/zero3_offload_6gpu.yaml -m lvr.cli rl rl_data.parquet --config configs/rl_longvideo_r1.yaml -o navigator-rl
+
       lvr rl qa.jsonl --model navigator-sft --caption-model M --max-steps 2 --rollout-log rollouts.jsonl --dry-run
 
       lvr ask movie.mp4 "Who opens the door?" --backend transformers --model navigator-rl --caption-model ./qwen2.5-vl-7b
     """
     from ..prep.cache import resolve_cache_dir
     from ..train.rl import RlError, load_rl_data, run_rl, summary_line
+    from ..train.trainer_kit import world_size
     from .model_options import rl_navigator_options
 
     if not roles[0].model:
@@ -78,10 +84,11 @@ def rl_command(
                          "--caption-base-url to caption nodes not stored yet)")
 
     def make_settings() -> RlSettings:
-        return RlSettings(qa=qa, output=str(output), video_dir=str(video_dir) if video_dir else None,
-                          format=format, subtitles=not no_subtitles, temperature=sampling.temperature,
-                          max_tokens=sampling.max_tokens, seed=sampling.seed, max_invalid=agent.max_invalid,
-                          **training)
+        settings = RlSettings(qa=qa, output=str(output), video_dir=str(video_dir) if video_dir else None,
+                              format=format, subtitles=not no_subtitles, temperature=sampling.temperature,
+                              max_tokens=sampling.max_tokens, seed=sampling.seed, max_invalid=agent.max_invalid,
+                              **training)
+        return settings.for_processes(world_size())  # --dry-run shows the --grad-accum a step will use
 
     def data_summary(settings) -> dict:
         data = load_rl_data(settings)

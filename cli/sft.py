@@ -7,32 +7,38 @@ from typing import Optional
 
 import typer
 
-from ..train.sft import SftSettings
+from ..train.sft import SftDataOptions, SftSettings
 from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, run_trainer, say
 from .model_options import TRAINING_SEED
 from .options import Group, takes
 
 
 
-@takes(training=Group(SftSettings, build=dict), sampling=TRAINING_SEED)
+@takes(training=Group(SftSettings, build=dict), sampling=TRAINING_SEED, data_options=Group(SftDataOptions))
 def sft_command(
     data: str = typer.Argument(..., metavar="DATA",
-                               help="Training JSONL: TRL messages, TRL prompt/completion, or lvr.trajectory/1 "
-                                    "records (accepted ones are used). '-' reads stdin (single process only)."),
+                               help="Training data: JSONL of TRL messages, TRL prompt/completion or lvr.trajectory/1 "
+                                    "records (accepted ones are used), or LLaMA-Factory alpaca/sharegpt JSON (the "
+                                    "LongVideo-R1 release's). '-' reads stdin (single process only)."),
     output: Path = RequiredOutputOption,
     dry_run: bool = DryRunOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    training=None, sampling=None,
+    training=None, sampling=None, data_options=None,
 ) -> None:
     """Fine-tune a navigator on trajectories: full weights or LoRA, loss on assistant turns only.
 
     DATA is JSONL: TRL messages ({"messages": [...]}), TRL prompt/completion
     ({"prompt": [...], "completion": [...]}, loss on the completion), or the
     lvr.trajectory/1 records of `lvr synthesize` (accepted ones; others are
-    skipped and counted). The chat template must keep the <think> text of earlier
-    turns; Qwen3's stock template drops it, so it is detected and replaced, and
-    the fixed template is saved with the checkpoint.
+    skipped and counted); or LLaMA-Factory SFT data (a JSON list, alpaca or
+    sharegpt), such as the LongVideo-R1 release's, each sample with its own
+    system prompt. The loss is on every assistant turn, or with --mask-history
+    on each conversation's last one (the LongVideo-R1 recipe).
+
+    The chat template must keep the <think> text of earlier turns; Qwen3's
+    stock template drops it, so it is detected and replaced, and the fixed
+    template is saved with the checkpoint.
 
     Defaults follow LongVideo-R1: lr 1e-5, cosine schedule, warmup 0.1, 3 epochs,
     bf16 when the GPU has it, 24k-token cutoff. DIR loads straight into
@@ -54,15 +60,18 @@ def sft_command(
 
       lvr sft trajectories.jsonl --model Qwen/Qwen3-8B -o navigator-sft --resume
 
+      lvr sft longvideor1-sft-qwen3-llamafactory.json --model Qwen/Qwen3-8B --mask-history -o navigator-sft
+
       lvr ask movie.mp4 "Who opens the door?" --backend transformers --model navigator-sft --caption-model ./qwen2.5-vl-7b
     """
     from ..train.sft import load_sft_data, run_sft, summary_line
 
     def data_summary(settings) -> dict:
-        loaded = load_sft_data(settings.data)
+        loaded = load_sft_data(settings.data, mask_history=settings.mask_history)
         return {"format": loaded.format, "records": loaded.records, "samples": len(loaded.samples),
                 "skipped": loaded.skipped}
 
-    run_trainer(lambda: SftSettings(data=data, output=str(output), seed=sampling.seed, **training),
+    run_trainer(lambda: SftSettings(data=data, output=str(output), seed=sampling.seed,
+                                    mask_history=data_options.mask_history, **training),
                 dry_run=dry_run, data_summary=data_summary,
                 train=lambda settings: run_sft(settings, log=None if quiet else say), summary=summary_line)

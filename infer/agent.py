@@ -11,9 +11,9 @@ from ..prep.options import check_options, option
 from ..prep.progress import shorten
 from ..prep.tree import node_count
 from .environment import EnvError, RoleUsage, VideoEnv
-from .protocol import (LAST_ROUND_NOTICE, STOP_STRINGS, Breach, ParsedTurn, complete_stopped_turn,
-                       extract_choice, first_user_message, merge_reasoning, parse_turn,
-                       system_prompt)
+from .profiles import LVR, PROTOCOLS, Profile, profile_named
+from .protocol import (STOP_STRINGS, Breach, ParsedTurn, complete_stopped_turn, extract_choice, merge_reasoning,
+                       parse_turn)
 
 
 AGENT_PANEL = "Navigation"
@@ -25,6 +25,10 @@ class AgentOptions:
                              help="Model turns per question; the last one must answer.")
     max_invalid: int = option(3, "--max-invalid", min=0, panel=AGENT_PANEL,
                               help="Invalid turns in a row (each corrected) before giving up.")
+    protocol: str = option(LVR, "--protocol", choices=PROTOCOLS, panel=AGENT_PANEL,
+                           help="Message layout: lvr (its own), or longvideo-r1 (the released LongVideo-R1 "
+                                "checkpoints' layout, with system prompts from --system-prompt, "
+                                "--qa-system-prompt and --caption-system-prompt files).")
     # The reasoning model's sampling (flags from prep.models.SamplingOptions).
     max_tokens: int = 2048        # per turn
     temperature: float = 0.0
@@ -37,6 +41,10 @@ class AgentOptions:
     def generation(self) -> GenerationOptions:
         return GenerationOptions(max_tokens=self.max_tokens, temperature=self.temperature,
                                  top_p=self.top_p, stop=STOP_STRINGS, seed=self.seed)
+
+    @property
+    def profile(self) -> Profile:
+        return profile_named(self.protocol)
 
 
 class Stop:
@@ -68,11 +76,6 @@ class Hint:
 
 Review = Callable[["AgentResult", "Turn"], Awaitable[Verdict]]
 OnTurn = Callable[["Turn"], None]
-
-
-def hint_suffix(text: str) -> str:
-    """How a hint is appended to the last user message."""
-    return f"\n\n{text}"
 
 
 @dataclass
@@ -135,13 +138,15 @@ class AgentResult:
     reasoning: RoleUsage = field(default_factory=RoleUsage)
     seconds: float = 0.0
     hints: list[Hint] = field(default_factory=list)
+    protocol: str = LVR                 # the profile the messages are laid out in
 
     def clean_messages(self) -> list[Message]:
         """The conversation without hint text: what `ask` would have sent and received."""
         messages = [dict(m) for m in self.messages]
+        profile = profile_named(self.protocol)
         for hint in self.hints:
             m = messages[hint.message_index]
-            m["content"] = m["content"].replace(hint_suffix(hint.text), "", 1)
+            m["content"] = profile.remove_text(m["content"], hint.text)
         return messages
 
     def accounting(self, env: VideoEnv) -> dict:
@@ -173,7 +178,8 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
     """
     started = time.perf_counter()
     options = tuple(options)
-    result = AgentResult(question, options, reasoning=RoleUsage(model.name))
+    profile = agent.profile
+    result = AgentResult(question, options, reasoning=RoleUsage(model.name), protocol=profile.name)
     try:
         high = await env.high_captions()
     except EnvError as e:
@@ -181,15 +187,15 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
         result.seconds = time.perf_counter() - started
         return result
     messages: list[Message] = [
-        {"role": "system", "content": system_prompt(template, env.k)},
-        {"role": "user", "content": first_user_message(question, options, env.duration, high)},
+        {"role": "system", "content": profile.system_message(template, env.k)},
+        {"role": "user", "content": profile.first_user_content(question, options, env.duration, high)},
     ]
     result.messages = messages
     invalid_in_a_row = 0
     for rnd in range(1, agent.max_rounds + 1):
         last = rnd == agent.max_rounds
         if last:
-            messages[-1] = {**messages[-1], "content": f"{messages[-1]['content']}\n\n{LAST_ROUND_NOTICE}"}
+            profile.add_last_round(messages)
         turn_started = time.perf_counter()
         try:
             reply = await model.complete(messages, agent.generation())
@@ -219,7 +225,7 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
                     index = len(messages) - 1
                     result.hints.append(Hint(verdict.level, verdict.hint, kept, index, verdict.ids))
                     messages[index] = {**messages[index],
-                                       "content": messages[index]["content"] + hint_suffix(verdict.hint)}
+                                       "content": profile.append_text(messages[index]["content"], verdict.hint)}
                     turn.seconds = time.perf_counter() - turn_started
                     if on_turn is not None:
                         on_turn(turn)

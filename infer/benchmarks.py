@@ -2,7 +2,7 @@
 
 `load_eval_items` turns a question file into a list of `EvalItem`: one
 question about one video, its options normalised to ``"A. text"``, and the
-correct answer as a letter (or reference text for open questions). Four
+correct answer as a letter (or reference text for open questions). Five
 record shapes are read:
 
 - ``native``: JSONL records with ``"schema": "lvr.question/1"`` (see
@@ -15,6 +15,10 @@ record shapes are read:
   shown must be said explicitly.
 - ``mlvu``: MLVU dev's per-task JSON lists (``1_plotQA.json`` ...), one file
   or a directory of them; the answer text is mapped to its letter.
+- ``longvideo-r1``: the flat JSON lists the LongVideo-R1 reference evaluates
+  (``eval/evaluation.py``): one question per entry, the video named by ``key``
+  (LVBench), ``videoID`` (Video-MME long) or ``video_name`` (MLVU), options in
+  ``options`` or as lettered lines of the question, the answer a letter.
 
 A bad record is named (``file:line: reason``) and skipped while the rest
 load; a file that cannot be read at all raises `EvalFormatError`. Reading the
@@ -34,7 +38,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Any, Sequence
 
-from ..prep.lettering import LETTERS, normalize_options, text_matches
+from ..prep.lettering import LETTERS, normalize_options, split_label, text_matches
 from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, answer_field, first_records, id_field,
                             json_records, options_field, parquet_records, read_text, scalar_text, sniff_format,
                             text_field)
@@ -56,7 +60,7 @@ __all__ = [
     "resolve_item_video",
 ]
 
-EVAL_FORMATS = ("auto", "native", "lvbench", "videomme", "mlvu")
+EVAL_FORMATS = ("auto", "native", "lvbench", "videomme", "mlvu", "longvideo-r1")
 NATIVE_SCHEMA = "lvr.question/1"
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 VIDEOMME_DURATIONS = ("short", "medium", "long")
@@ -117,7 +121,7 @@ class EvalItem(QuestionItem):
     answer: the correct letter for multiple choice, the reference text otherwise.
     category: the key for per-category accuracy.
     subtitles: whether subtitles are shown for this item.
-    source: which format it came from ("native", "lvbench", "videomme", "mlvu").
+    source: which format it came from ("native", "lvbench", "videomme", "mlvu", "longvideo-r1").
     extra: what else the source says (duration bucket, domain, time reference ...).
     """
 
@@ -140,13 +144,20 @@ class EvalItem(QuestionItem):
 _INLINE_OPTION = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
 
 
-def split_question_options(text: str) -> tuple[str, tuple[str, ...]]:
+def split_question_options(text: str, *, any_label: bool = False) -> tuple[str, tuple[str, ...]]:
     """Split ``"Q?\\n(A) a\\n(B) b"`` into ``("Q?", ("A. a", "B. b"))``.
 
     Option lines start with ``(A)``, ``(B)``, ... in order; a line that does not
     continues the option above it. Raises ValueError when no options follow
     the question, or the letters are out of order.
+
+    `any_label`: the options may be lettered in any style lvr reads (``A. a``,
+    ``A) a``, ``[A] a``, ``(A) a``; `lettering.split_label`) and start at the last
+    line lettered A, since the question above them may hold such a line too (the
+    LongVideo-R1 flat evaluation files and RL prompts).
     """
+    if any_label:
+        return _split_any_label(text)
     lines = text.replace("\r\n", "\n").split("\n")
     start = next((i for i, line in enumerate(lines) if (m := _INLINE_OPTION.match(line)) and m.group(1) == "A"), None)
     if start is None:
@@ -169,6 +180,26 @@ def split_question_options(text: str) -> tuple[str, tuple[str, ...]]:
     return question, normalize_options(bodies)
 
 
+def _split_any_label(text: str) -> tuple[str, tuple[str, ...]]:
+    lines = text.replace("\r\n", "\n").split("\n")
+    start = next((i for i in range(len(lines) - 1, -1, -1) if split_label(lines[i], "A")), None)
+    if start is None:
+        raise ValueError("no option line lettered A in the question text")
+    question = "\n".join(lines[:start]).strip()
+    if not question:
+        raise ValueError("question text is empty")
+    bodies: list[str] = []
+    for line in lines[start:]:
+        label = split_label(line, LETTERS[len(bodies)]) if len(bodies) < len(LETTERS) else None
+        if label:
+            bodies.append(label[1])
+        elif line.strip():
+            bodies[-1] = f"{bodies[-1]} {line.strip()}".strip()
+    if len(bodies) < 2:
+        raise ValueError("fewer than two options in the question text")
+    return question, normalize_options(bodies)
+
+
 # ---------------------------------------------------------------- reading files
 
 def _sniff(rec: dict) -> str | None:
@@ -177,6 +208,8 @@ def _sniff(rec: dict) -> str | None:
         return "native"
     if "qa" in rec and "key" in rec:
         return "lvbench"
+    if "question" in rec and ("key" in rec or "video_name" in rec and not {"candidates", "question_type"} & rec.keys()):
+        return "longvideo-r1"  # the reference's flat LVBench and MLVU entries (its Video-MME ones are Video-MME rows)
     if "videoID" in rec or {"question_id", "duration", "options"} <= rec.keys():
         return "videomme"
     if "candidates" in rec or {"question_type", "duration"} <= rec.keys() and ("video" in rec or "video_name" in rec):
@@ -205,7 +238,7 @@ def _mlvu_files(path: Path) -> list[Path]:
 def detect_format(path: "str | Path") -> str:
     """The format of a question file (or MLVU directory), from its first record's keys.
 
-    Returns one of "native", "lvbench", "videomme", "mlvu"; raises EvalFormatError
+    Returns one of "native", "lvbench", "videomme", "mlvu", "longvideo-r1"; raises EvalFormatError
     when the file cannot be read or its records match none of them.
     """
     name = str(path)
@@ -354,6 +387,42 @@ def _mlvu(col: Collector, where: str, rec: dict, file_task: str | None) -> None:
     col.add(where, EvalItem(qid, video, question, options, answer, qtype or task, False, "mlvu", extra))
 
 
+# The key that names the video in each of the reference's flat files, and the benchmark it marks.
+_FLAT_VIDEO_KEYS = (("key", "lvbench"), ("videoID", "videomme"), ("video_name", "mlvu"))
+
+
+def _longvideo_r1(col: Collector, where: str, rec: dict) -> None:
+    key, benchmark = next(((k, b) for k, b in _FLAT_VIDEO_KEYS if rec.get(k) is not None), (None, None))
+    if key is None:
+        raise RecordSkip("missing the video: 'key' (LVBench), 'videoID' (Video-MME) or 'video_name' (MLVU)")
+    video = text_field(rec, key)
+    n = col.next_n(video)
+    qid = next((id_field(rec[k]) for k in ("uid", "question_id") if rec.get(k) is not None), f"{video}#{n}")
+    text = text_field(rec, "question")
+    if rec.get("options"):
+        question, options = text, options_field(rec["options"])
+    elif rec.get("candidates"):
+        question, options = text, options_field(rec["candidates"])
+    else:
+        try:
+            question, options = split_question_options(text, any_label=True)
+        except ValueError as e:
+            raise RecordSkip(f"question: {e}") from None
+    answer = answer_field(rec.get("answer"), options)
+    category = rec.get("question_type", rec.get("task_type"))
+    if isinstance(category, list):
+        category = ", ".join(scalar_text(c, "question_type") for c in category) or None
+    elif category is not None:
+        category = scalar_text(category, "question_type").strip() or None
+    extra: dict[str, Any] = {"benchmark": benchmark}
+    if question != text:  # the options were lines of it: what the reference sends, as written
+        extra["question_text"] = text
+    for k in ("time_reference", "duration", "domain", "sub_category"):
+        if rec.get(k) is not None:
+            extra[k] = rec[k]
+    col.add(where, EvalItem(qid, video, question, options, answer, category, False, "longvideo-r1", extra))
+
+
 def _task_from_stem(stem: str) -> str | None:
     return stem if re.fullmatch(r"\d+_\w+", stem) else None
 
@@ -404,7 +473,7 @@ def load_eval_items(path: "str | Path", fmt: str = "auto", *, subtitles: bool | 
     for fname, recs, task in sources:
         adapter = {"native": _native, "lvbench": _lvbench,
                    "videomme": partial(_videomme, duration=videomme_duration),
-                   "mlvu": partial(_mlvu, file_task=task)}[fmt]
+                   "mlvu": partial(_mlvu, file_task=task), "longvideo-r1": _longvideo_r1}[fmt]
         for lineno, rec in recs:
             col.take(f"{fname}:{lineno}", rec, adapter)
     items = col.items

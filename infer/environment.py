@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from ..prep.captioning import CaptionError, Captioner, node_label
 from ..prep.frame_repair import FrameRepairError, frames_on_demand
 from ..prep.models.base import Usage
+from ..prep.probe import VideoError
+from ..prep.segment import LAZY_FRAMES, check_first_level
 from ..prep.tree import node_count
-from .protocol import Breach, ToolCall, correction, format_id, tool_result_message
+from .profiles import LVR_PROFILE, Profile
+from .protocol import Breach, ToolCall, correction, format_id
 from .video_qa import VideoQA, VideoQAError
 
 
@@ -86,8 +90,10 @@ def check_tree(nodes: list[dict]) -> tuple[str, int]:
 class VideoEnv:
     """Tools over one video's tree, for one question: records every visit."""
 
-    def __init__(self, nodes: list[dict], captioner: Captioner, video_qa: VideoQA | None = None):
+    def __init__(self, nodes: list[dict], captioner: Captioner, video_qa: VideoQA | None = None,
+                 profile: Profile = LVR_PROFILE):
         self.video_id, self.k = check_tree(nodes)
+        self.profile = profile      # how tool results are worded (the rules are the same for every profile)
         self.nodes = {tuple(n["id"]): n for n in nodes}
         first = nodes[0]
         self.path = first.get("path")
@@ -102,6 +108,9 @@ class VideoEnv:
         self.caption_usage = RoleUsage(captioner.model.name)
         self.qa_usage = RoleUsage(video_qa.model.name if video_qa else "")
         self._low_read: set[tuple[int, ...]] = set()
+        # Progress of the first level's decoding (`lvr ask` shows it): frames to decode, frames stored.
+        self.on_plan: Callable[[int], None] | None = None
+        self.on_frames: Callable[[int], None] | None = None
 
     def node(self, node_id) -> dict:
         return self.nodes[tuple(node_id)]
@@ -122,12 +131,40 @@ class VideoEnv:
         return result.caption
 
     async def high_captions(self) -> list[tuple[tuple[int, ...], float, float, str]]:
-        """(id, start, end, caption) of the K high nodes, for the first prompt."""
-        import asyncio
+        """(id, start, end, caption) of the K high nodes, for the first prompt (times as the profile shows them).
 
+        High nodes without a stored caption have their frames decoded one node after another, and each
+        is captioned as soon as its own frames are in: the first prompt waits for the slower of decoding
+        and captioning, not for their sum. Then the whole-video bad-frame rule is judged on them.
+        """
         ids = [(h,) for h in range(1, self.k + 1)]
-        captions = await asyncio.gather(*(self.caption(i) for i in ids))
-        return [(i, self.node(i)["start"], self.node(i)["end"], c) for i, c in zip(ids, captions)]
+        frames = self.captioner.frames
+        todo = {i for i in ids if self.node(i).get(LAZY_FRAMES) and self.captioner.cached(self.node(i)) is None}
+        if todo and self.on_plan is not None:
+            self.on_plan(sum(1 for i in todo for key in self.node(i).get("frame_keys") or [] if not frames.has(key)))
+        tasks: list[asyncio.Task] = []
+        try:
+            for i in ids:
+                node = self.node(i)
+                if i in todo:
+                    try:
+                        await asyncio.to_thread(frames_on_demand, frames, node, node.get("frame_keys") or [],
+                                                self.on_frames)
+                    except FrameRepairError as e:
+                        raise EnvError(f"{node_label(node, 'caption')}: frames: {e}") from None
+                tasks.append(asyncio.create_task(self.caption(i)))
+            if todo:
+                try:
+                    check_first_level([self.node(i) for i in ids])
+                except VideoError as e:
+                    raise EnvError(str(e)) from None
+            captions = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return [(i, *self.profile.span(self.node(i)), c) for i, c in zip(ids, captions)]
 
     async def call(self, call: ToolCall) -> ToolOutcome:
         """Run a parsed tool call. Rule breaches come back as corrections; EnvError on failure."""
@@ -166,5 +203,5 @@ class VideoEnv:
             return ToolOutcome(correction(Breach.UNKNOWN_TOOL, name=call.tool), breach=Breach.UNKNOWN_TOOL)
         visit.seconds = time.perf_counter() - started
         self.visits.append(visit)
-        return ToolOutcome(tool_result_message(call.tool, node_id, node["start"], node["end"], text,
-                                               query=call.query), visit=visit)
+        return ToolOutcome(self.profile.tool_result(call.tool, node_id, *self.profile.span(node), text,
+                                                    query=call.query), visit=visit)

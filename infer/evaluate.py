@@ -5,6 +5,9 @@ nothing; a rerun over the same output skips questions already in it. A
 question that fails for a reason outside the model (a video that cannot be
 read, an endpoint that keeps failing) is named and left out, so the rerun
 tries it again.
+
+Two scoring rules (`--scoring`, `score`): lvr's, and the reference's own
+(LongVideo-R1's eval/evaluation.py), so a score can be compared with the paper's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from ..prep.work_queue import run_jobs, unfinished
 from ..prep.jsonl import JsonlWriter, dumps, write_atomic
+from ..prep.options import check_options, option
 from ..prep.progress import Reporter, shorten
 from .benchmarks import EvalFormatError, EvalItem, default_video_dir, load_eval_items, resolve_item_video
 from .navigator import Asked, Navigator, NavigatorOptions, build_trace
@@ -26,6 +30,9 @@ from .protocol import answer_matches
 
 EVAL_SCHEMA = "lvr.eval/1"
 SUMMARY_SCHEMA = "lvr.eval_summary/1"
+SCORING_RULES = ("lvr", "reference")
+# eval/evaluation.py of qiujihao19/LongVideo-R1 scores a question left without an answer as if it had answered A.
+REFERENCE_NO_ANSWER = "A"
 
 
 @dataclass(frozen=True)
@@ -36,21 +43,52 @@ class EvalOptions:
     video_dir: Path | None = None            # default: the questions file's folder
     concurrency: int = 4                     # questions in flight
     max_questions: int | None = None
+    scoring: str = option("lvr", "--scoring", choices=SCORING_RULES,
+                          help="How a prediction is scored. lvr: the chosen option letter (read from the answer "
+                               "text) for multiple choice, the same words for open questions; no answer is wrong. "
+                               "reference: LongVideo-R1's eval/evaluation.py, the answer text equal to the "
+                               "answer key exactly, and no answer counted as A.")
+
+    def __post_init__(self):
+        check_options(self)
 
 
-def is_correct(item: EvalItem, asked: Asked) -> bool:
-    return answer_matches(asked.result.answer, asked.result.choice, item.options, item.answer)
+def score(rule: str, prediction: str | None, choice: str | None, options, answer: str) -> bool:
+    """Whether a prediction is right under `rule` (`SCORING_RULES`).
+
+    lvr: `infer.protocol.answer_matches`. reference: the answer text (stripped) is
+    the answer key exactly ("B" is right for B; "b", "(B)" and "B. a dog" are not),
+    and a question without an answer (out of rounds, given up) counts as answering
+    `REFERENCE_NO_ANSWER`.
+    """
+    if rule == "reference":
+        said = prediction.strip() if prediction is not None else REFERENCE_NO_ANSWER
+        return said == str(answer)
+    if rule != "lvr":
+        raise ValueError(f"unknown scoring rule {rule!r} (use one of {', '.join(SCORING_RULES)})")
+    return answer_matches(prediction, choice, options, answer)
 
 
-def result_record(item: EvalItem, asked: Asked, trace: dict, correct: bool) -> dict:
+def is_correct(item: EvalItem, asked: Asked, rule: str = "lvr") -> bool:
+    return score(rule, asked.result.answer, asked.result.choice, item.options, item.answer)
+
+
+def result_record(item: EvalItem, asked: Asked, trace: dict, correct: bool, rule: str = "lvr") -> dict:
     result = asked.result
     return {
         "schema": EVAL_SCHEMA, "qid": item.qid, "video": item.video, "video_id": trace["video"]["video_id"],
         "category": item.category, "source": item.source, "question": item.question,
         "options": list(item.options), "answer": item.answer,
-        "prediction": result.answer, "choice": result.choice, "correct": correct,
-        "stopped": result.stopped, "accounting": trace["accounting"], "settings": asked.settings,
+        "prediction": result.answer, "choice": result.choice, "correct": correct, "scoring": rule,
+        "stopped": result.stopped, "accounting": trace["accounting"],
+        "settings": {**asked.settings, "scoring": rule},
     }
+
+
+def record_correct(record: dict, rule: str) -> bool:
+    """An lvr.eval/1 record's verdict under `rule`, from its prediction and answer key."""
+    return score(rule, record.get("prediction"), record.get("choice"), record.get("options") or (),
+                 record.get("answer"))
 
 
 @dataclass
@@ -63,17 +101,23 @@ class EvalSummary:
     report: dict = field(default_factory=dict)
 
 
-def summarize(records: list[dict], settings: dict | None = None) -> dict:
-    """Accuracy overall and per category, rounds, caption calls against exhaustive, tokens, time."""
+def summarize(records: list[dict], settings: dict | None = None, rule: str = "lvr") -> dict:
+    """Accuracy overall and per category, rounds, caption calls against exhaustive, tokens, time.
+
+    Every record is scored under `rule` (so an output file resumed under another rule is
+    still scored one way), and the accuracy under each rule is given beside it.
+    """
     n = len(records)
 
     def mean(values) -> float:
         values = list(values)
         return round(sum(values) / len(values), 4) if values else 0.0
 
+    verdicts = {r: [record_correct(rec, r) for rec in records] for r in SCORING_RULES}
+    correct = verdicts[rule]
     by_category: dict[str, list[bool]] = defaultdict(list)
-    for r in records:
-        by_category[r.get("category") or "(none)"].append(bool(r.get("correct")))
+    for r, right in zip(records, correct):
+        by_category[r.get("category") or "(none)"].append(right)
     acc = [r.get("accounting") or {} for r in records]
     tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"prompt_tokens": 0, "completion_tokens": 0,
                                                              "requests": 0})
@@ -84,8 +128,10 @@ def summarize(records: list[dict], settings: dict | None = None) -> dict:
     return {
         "schema": SUMMARY_SCHEMA,
         "questions": n,
-        "correct": sum(1 for r in records if r.get("correct")),
-        "accuracy": mean(bool(r.get("correct")) for r in records),
+        "scoring": rule,
+        "correct": sum(correct),
+        "accuracy": mean(correct),
+        "accuracy_by_scoring": {r: {"correct": sum(v), "accuracy": mean(v)} for r, v in verdicts.items()},
         "per_category": {c: {"questions": len(v), "accuracy": mean(v)} for c, v in sorted(by_category.items())},
         "stopped": dict(sorted(_count(r.get("stopped") for r in records).items())),
         "mean_rounds": mean(a.get("rounds", 0) for a in acc),
@@ -141,8 +187,8 @@ def run_eval(questions: str, output: "str | os.PathLike | None", nav: NavigatorO
                 traces.close()
         everything = [r for r in writer.existing if r.get("schema") == EVAL_SCHEMA] + records
     summary.seconds = time.perf_counter() - t0
-    settings = everything[-1]["settings"] if everything else None
-    summary.report = summarize(everything, settings)
+    settings = {**everything[-1]["settings"], "scoring": options.scoring} if everything else None
+    summary.report = summarize(everything, settings, options.scoring)
     if summary_path is not None:
         write_atomic(summary_path, dumps(summary.report) + "\n")
     return summary
@@ -171,9 +217,10 @@ async def _answer_all(items: list[EvalItem], writer: JsonlWriter, traces: JsonlW
             log(f"error: {item.qid}: {asked.error}")
             progress.item_ended(question)
             return
-        correct = is_correct(item, asked)
-        trace = build_trace(asked, correct_answer=item.answer, correct=correct, extra={"qid": item.qid})
-        record = result_record(item, asked, trace, correct)
+        correct = is_correct(item, asked, options.scoring)
+        trace = build_trace(asked, correct_answer=item.answer, correct=correct,
+                            extra={"qid": item.qid, "scoring": options.scoring})
+        record = result_record(item, asked, trace, correct, options.scoring)
         if traces is not None:
             traces.write_unit([trace])
         writer.write_unit([record])  # last: a question counts as done only once all of it is on disk

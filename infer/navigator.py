@@ -18,18 +18,16 @@ from .. import __version__
 from ..prep.caption_store import CaptionStore
 from ..prep.caption_step import caption_store_path
 from ..prep.captioning import CaptionOptions, Captioner
-from ..prep.captioning import load_system_prompt as load_caption_prompt
-from ..prep.captioning import prompt_hash as caption_prompt_hash
 from ..prep.frames import FrameStore
 from ..prep.cache import frames_dir
 from ..prep.models import ModelSpec
 from ..prep.models.base import ChatModel, ModelError
-from ..prep.segment import SegmentOptions, load_or_plan
+from ..prep.segment import SegmentOptions, keep_substitutes, load_or_plan
 from ..prep.tree import TreeOptions
 from .agent import AgentOptions, AgentResult, OnTurn, Review, run_agent
 from .environment import VideoEnv
-from .protocol import load_system_prompt, protocol_hash
-from .video_qa import DEFAULT_QA_SYSTEM_PROMPT, VideoQA, qa_prompt_hash
+from .profiles import Prompts
+from .video_qa import VideoQA
 
 TRACE_SCHEMA = "lvr.trace/1"
 
@@ -46,16 +44,29 @@ class NavigatorOptions:
     tree: TreeOptions = field(default_factory=TreeOptions)
     system_prompt_file: Path | None = None
     caption_prompt_file: Path | None = None
+    qa_prompt_file: Path | None = None
     qa_max_tokens: int = 512
 
-    def settings(self, template: str, caption_prompt: str, subtitles: bool) -> dict:
+    def __post_init__(self) -> None:
+        # A profile whose prompts are not shipped fails here, naming the flags, before anything runs.
+        self.agent.profile.check_prompt_files(self.system_prompt_file, self.caption_prompt_file,
+                                              self.qa_prompt_file)
+
+    def prompts(self) -> Prompts:
+        """The three system prompts, from the protocol profile or the user's files (ValueError, CaptionError)."""
+        return self.agent.profile.load_prompts(self.system_prompt_file, self.caption_prompt_file,
+                                               self.qa_prompt_file)
+
+    def settings(self, prompts: Prompts, subtitles: bool) -> dict:
+        profile = self.agent.profile
         return {
             "lvr": __version__,
             "models": {"reasoning": self.reasoning.to_record(), "caption": self.caption.to_record(),
                        "qa": self.qa.to_record()},
-            "prompt_hash": protocol_hash(template),
-            "caption_prompt_hash": caption_prompt_hash(caption_prompt),
-            "qa_prompt_hash": qa_prompt_hash(DEFAULT_QA_SYSTEM_PROMPT),
+            "protocol": profile.name,
+            "prompt_hash": profile.prompt_hash(prompts.system),
+            "caption_prompt_hash": profile.caption_prompt_hash(prompts.caption),
+            "qa_prompt_hash": profile.qa_prompt_hash(prompts.qa),
             "max_rounds": self.agent.max_rounds, "max_invalid": self.agent.max_invalid,
             "max_tokens": self.agent.max_tokens, "temperature": self.agent.temperature,
             "seed": self.agent.seed,
@@ -70,13 +81,13 @@ class NavigatorOptions:
 class AskCallbacks:
     """What a caller may follow of one question, for progress (each is optional).
 
-    `on_plan` and `on_frames` come only when the high nodes' frames must be decoded, from
-    a worker thread; the others from the event loop.
+    `on_plan` and `on_frames` come only when the high nodes' frames must be decoded (as their
+    captions are made), `on_frames` from a worker thread; the others from the event loop.
     """
 
     on_plan: Callable[[int], None] | None = None        # frames to decode
     on_frames: Callable[[int], None] | None = None      # frames decoded since the last call
-    on_tree: Callable[[VideoEnv], None] | None = None   # the tree is ready; the K high captions come next
+    on_tree: Callable[[VideoEnv], None] | None = None   # the tree is planned; the K high captions come next
     on_turn: OnTurn | None = None                       # a model turn has ended
 
 
@@ -97,8 +108,12 @@ class Asked:
         if self.env is None:
             return {}
         first = None if self.first_request_seconds is None else round(self.first_request_seconds, 3)
+        offsets = [n["frame_sampling"]["max_offset"] for i, n in self.env.nodes.items()
+                   if i in self.env.captions and n.get("frame_sampling")]
         return {**self.result.accounting(self.env), "segment_seconds": round(self.segment_seconds, 3),
-                "first_request_seconds": first}
+                "first_request_seconds": first,
+                # keyframe sampling: how far a shown frame was from its sampled time, at most (None: exact)
+                "frame_offset_max_seconds": max(offsets) if offsets else None}
 
 
 class _FirstRequest:
@@ -120,8 +135,9 @@ class Navigator:
     def __init__(self, options: NavigatorOptions, cache_dir: Path):
         self.options = options
         self.cache_dir = Path(cache_dir)
-        self.template = load_system_prompt(options.system_prompt_file)
-        self.caption_prompt = load_caption_prompt(options.caption_prompt_file)
+        self.profile = options.agent.profile
+        self.prompts = options.prompts()
+        self.template = self.prompts.system
         self.frames = FrameStore(frames_dir(self.cache_dir))
         self.store = CaptionStore(caption_store_path(self.cache_dir))
         self._models: dict[ModelSpec, ChatModel] = {}
@@ -176,24 +192,24 @@ class Navigator:
         if subtitles not in self._captioners:
             opts = replace(self.options.captioning, use_subtitles=subtitles)
             self._captioners[subtitles] = Captioner(self.model(self.options.caption), self.store, self.frames,
-                                                    opts, self.caption_prompt)
+                                                    opts, self.prompts.caption, self.profile.caption_layout)
         return self._captioners[subtitles]
 
     def video_qa(self) -> VideoQA:
-        return VideoQA(self.model(self.options.qa), self.frames, max_tokens=self.options.qa_max_tokens)
+        return VideoQA(self.model(self.options.qa), self.frames, max_tokens=self.options.qa_max_tokens,
+                       system_prompt=self.prompts.qa, profile=self.profile)
 
     # -- trees ----------------------------------------------------------------------------
 
-    async def tree(self, video: "str | os.PathLike", *, on_plan: Callable[[int], None] | None = None,
-                   on_frames: Callable[[int], None] | None = None) -> list[dict]:
+    async def tree(self, video: "str | os.PathLike") -> list[dict]:
         """The video's node records (VideoError when it cannot have a tree).
 
-        Only the K high nodes' frames are decoded here; other nodes' frames are decoded
-        when a caption or video_qa first reads them (prep/segment.py, the lazy path)."""
-        nodes, _ = await self._timed_tree(video, on_plan, on_frames)
+        Nothing is decoded here: a node's frames are decoded when a caption or video_qa
+        first reads them (prep/segment.py, the lazy path; VideoEnv.high_captions)."""
+        nodes, _ = await self._timed_tree(video)
         return nodes
 
-    async def _timed_tree(self, video, on_plan, on_frames) -> tuple[list[dict], float]:
+    async def _timed_tree(self, video) -> tuple[list[dict], float]:
         """The node records and the seconds this call spent loading or segmenting them."""
         key = os.path.realpath(video)
         lock = self._tree_locks.setdefault(key, asyncio.Lock())
@@ -201,14 +217,13 @@ class Navigator:
             if key in self._trees:
                 return self._trees[key], 0.0
             started = time.perf_counter()
-            self._trees[key] = await asyncio.to_thread(load_or_plan, video, self.segment_options,
-                                                       self.cache_dir, on_frames, on_plan)
+            self._trees[key] = await asyncio.to_thread(load_or_plan, video, self.segment_options, self.cache_dir)
             return self._trees[key], time.perf_counter() - started
 
     # -- questions ------------------------------------------------------------------------
 
     def settings(self, subtitles: bool) -> dict:
-        return self.options.settings(self.template, self.caption_prompt, subtitles)
+        return self.options.settings(self.prompts, subtitles)
 
     async def ask(self, video: "str | os.PathLike", question: str, options: tuple[str, ...] = (),
                   *, subtitles: bool = True, nodes: list[dict] | None = None,
@@ -227,8 +242,9 @@ class Navigator:
         segment_seconds = 0.0
         try:
             if nodes is None:
-                nodes, segment_seconds = await self._timed_tree(video, callbacks.on_plan, callbacks.on_frames)
-            env = VideoEnv(nodes, self.captioner(subtitles), self.video_qa())
+                nodes, segment_seconds = await self._timed_tree(video)
+            env = VideoEnv(nodes, self.captioner(subtitles), self.video_qa(), self.profile)
+            env.on_plan, env.on_frames = callbacks.on_plan, callbacks.on_frames
         except (VideoError, ValueError, ModelError, EnvError) as e:
             empty.stopped, empty.error = "error", str(e)
             return Asked(empty, None, settings, str(video), str(e), segment_seconds)
@@ -239,6 +255,7 @@ class Navigator:
                                  template=self.template, agent=self.options.agent,
                                  review=make_review(env) if make_review else None, on_turn=callbacks.on_turn)
         first = None if reasoning.sent_at is None else reasoning.sent_at - started
+        await asyncio.to_thread(keep_substitutes, nodes, self.segment_options, self.cache_dir)
         return Asked(result, env, settings, str(video), result.error, segment_seconds, first)
 
     async def aclose(self) -> None:
@@ -270,11 +287,19 @@ def build_trace(asked: Asked, *, correct_answer: str | None = None, correct: boo
         "tree": [],
     }
     if env is not None:
+        asked_qa = {tuple(v.node) for v in env.visits if v.tool == "video_qa"}
         for node_id, node in env.nodes.items():
             keys = node.get("frame_keys") or []
-            trace["tree"].append({"id": list(node_id), "level": node["level"], "start": node["start"],
-                                  "end": node["end"], "thumb_key": keys[len(keys) // 2] if keys else None,
-                                  "caption": env.captions.get(node_id)})
+            entry = {"id": list(node_id), "level": node["level"], "start": node["start"],
+                     "end": node["end"], "thumb_key": keys[len(keys) // 2] if keys else None,
+                     "caption": env.captions.get(node_id)}
+            # The frames each model was actually shown (keyframe sampling moves them).
+            sets = (("",) if node_id in env.captions else ()) + (("qa_",) if node_id in asked_qa else ())
+            for prefix in sets:
+                for name in ("frame_indices", "frame_times", "frame_sampling"):
+                    if node.get(prefix + name) is not None:
+                        entry[prefix + name] = node[prefix + name]
+            trace["tree"].append(entry)
     if extra:
         trace.update(extra)
     return trace

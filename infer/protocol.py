@@ -19,7 +19,6 @@ from inside reasoning. Option letters are `lvr.prep.lettering`'s.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,41 +28,16 @@ from ..prep.captioning import format_time
 from ..prep.lettering import chosen_letter, normalize_options
 from ..prep.records import read_prompt_file
 from ..prep.tags import ANSWER, THINK, TOOL
+# Wording lives with the protocol profiles; lvr's own, the id format and the clock format are found here too.
+from .profiles import DEFAULT_SYSTEM_PROMPT, LAST_ROUND_NOTICE, LVR_PROFILE, format_id, format_span
 
-# Bump when the user-message layouts below change: it is part of the prompt hash.
-MESSAGE_LAYOUT_VERSION = "1"
 
 # Generation stops after a finished action, so a model cannot invent its own tool results.
 STOP_STRINGS = (tags.closing(TOOL), tags.closing(ANSWER))
 TOOLS = ("get_caption", "video_qa")
-LEVEL_BY_DEPTH = {1: "high", 2: "medium", 3: "low"}
 
-DEFAULT_SYSTEM_PROMPT = """\
-You answer questions about a long video that you cannot watch. You explore it \
-through captions instead, arranged as a tree: the video is cut into {K} \
-high-level clips, each high clip into {K} medium clips, and each medium clip \
-into {K} low-level clips. Clips are named by their position in the tree, \
-counting from 1: (h,) is a high clip, (h, m) a medium clip inside it, and \
-(h, m, l) a low clip inside that. The first message gives you the question \
-and the captions of all {K} high clips with their time spans.
 
-You can use these tools, one per turn:
-- get_caption((h, m)) returns the caption of a medium clip.
-- get_caption((h, m, l)) returns the caption of a low clip.
-- video_qa((h, m, l), "question") shows the frames of a low clip to a vision \
-model and returns its answer to your question. You may use it on a low clip \
-only after you have read that clip's caption.
-
-Every index is a whole number from 1 to {K}. Read the high captions, reason \
-about where the answer most likely is, and go down the tree toward it. Fetch \
-only what you need: every call costs time. When you know enough, answer.
-
-Format every reply exactly like this: first your reasoning inside \
-<think></think>, then exactly one of
-<tool>get_caption((2, 3))</tool>
-<answer>your final answer</answer>
-For a multiple-choice question, answer with the letter of the chosen option."""
-
+# -- lvr's own profile (every profile's strings live in infer/profiles.py) -------------------
 
 def load_system_prompt(path: "str | Path | None") -> str:
     """The system prompt template ({K} is filled in per video); ValueError if the file is unusable."""
@@ -71,59 +45,18 @@ def load_system_prompt(path: "str | Path | None") -> str:
 
 
 def system_prompt(template: str, k: int) -> str:
-    # str.replace, not str.format: a user's prompt file may hold other braces.
-    return template.replace("{K}", str(k))
+    return LVR_PROFILE.system_message(template, k)
 
-
-def protocol_hash(template: str) -> str:
-    """Identifies the system prompt template together with the message layouts."""
-    return hashlib.sha256(f"{MESSAGE_LAYOUT_VERSION}\n{template}".encode()).hexdigest()[:16]
-
-
-# -- node ids ---------------------------------------------------------------------------
-
-def format_id(node_id) -> str:
-    """(2, 3) -> '(2, 3)'; (2,) -> '(2,)'."""
-    ids = tuple(node_id)
-    return f"({ids[0]},)" if len(ids) == 1 else "(" + ", ".join(str(i) for i in ids) + ")"
-
-
-def format_span(start: float, end: float) -> str:
-    return f"{format_time(start)}-{format_time(end)}"
-
-
-# -- the first user message -------------------------------------------------------------
 
 def first_user_message(question: str, options: list[str] | tuple[str, ...], duration: float,
                        high: list[tuple[tuple[int, ...], float, float, str]]) -> str:
     """Question, options, duration and the K high captions with their spans."""
-    lines = [f"Question: {question.strip()}"]
-    if options:
-        lines.append("Options:")
-        lines.extend(o.strip() for o in options)
-    lines.append("")
-    lines.append(f"The video is {format_time(duration)} long ({duration:.1f} s). "
-                 f"Captions of its {len(high)} high-level clips:")
-    for node_id, start, end, caption in high:
-        lines.append("")
-        lines.append(f"Clip {format_id(node_id)}, {format_span(start, end)}:")
-        lines.append(caption.strip())
-    return "\n".join(lines)
-
-
-LAST_ROUND_NOTICE = ("This is your last turn. Tools are no longer available: give your final answer "
-                     "now, inside <answer></answer>.")
+    return LVR_PROFILE.first_user_content(question, options, duration, high)
 
 
 def tool_result_message(tool: str, node_id, start: float, end: float, text: str, query: str | None = None) -> str:
     """What the model reads back after a tool call: the tool, the node, its span, the result."""
-    level = LEVEL_BY_DEPTH.get(len(tuple(node_id)), "?")
-    if tool == "video_qa":
-        head = (f"video_qa on low clip {format_id(node_id)}, {format_span(start, end)}. "
-                f"Question: {query}\nAnswer:")
-    else:
-        head = f"get_caption: caption of {level} clip {format_id(node_id)}, {format_span(start, end)}:"
-    return f"{head}\n{text.strip()}"
+    return LVR_PROFILE.tool_result(tool, node_id, start, end, text, query)
 
 
 # -- rule breaches ----------------------------------------------------------------------

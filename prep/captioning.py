@@ -5,7 +5,9 @@ timestamp and the subtitle lines shown while it is on screen, and is asked
 for a caption wrapped in <caption> tags (about 200 words for a low node, 400
 for medium and high). The system prompt can be replaced from a file; its hash
 goes into every caption key and record, because a checkpoint answers best
-with the prompt it was trained on.
+with the prompt it was trained on. The words and layout around the frames are a
+`CaptionLayout`: lvr's own, or one a navigator protocol profile brings
+(infer/profiles.py); a layout other than lvr's own is part of the prompt hash.
 """
 
 from __future__ import annotations
@@ -53,18 +55,64 @@ def load_system_prompt(path: "str | Path | None") -> str:
     return read_prompt_file(path, DEFAULT_SYSTEM_PROMPT, CaptionError)
 
 
-def prompt_hash(system_prompt: str) -> str:
-    """Identifies the whole prompt: the system text and the user-message layout."""
-    h = hashlib.sha256(f"{USER_TEMPLATE_VERSION}\n{system_prompt}".encode()).hexdigest()
-    return h[:16]
-
-
 def format_time(seconds: float) -> str:
     """12.3 -> '00:12.3'; 3725.5 -> '1:02:05.5'."""
     seconds = max(0.0, float(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{int(h)}:{int(m):02d}:{s:04.1f}" if h >= 1 else f"{int(m):02d}:{s:04.1f}"
+
+
+def format_seconds(seconds: float) -> str:
+    """12.34 -> '12.3'; 75.0 -> '75.0': seconds to 0.1 s, as LongVideo-R1 writes a frame's time."""
+    return str(round(max(0.0, float(seconds)), 1))
+
+
+TIME_FORMATS = {"clock": format_time, "seconds": format_seconds}
+
+
+@dataclass(frozen=True)
+class CaptionLayout:
+    """How a caption request is worded and laid out around the frames.
+
+    `CAPTION_LAYOUT` is lvr's own; a navigator protocol profile (infer/profiles.py) may
+    bring another. Templates are filled with str.format: `intro` with {count}, {level},
+    {start}, {end} and {subtitles_note}; the frame labels with {time} and {lines};
+    `closing` with {words}. None leaves that text out.
+    """
+
+    name: str                       # "" for lvr's own layout, so its prompt hash stays what it was
+    intro: str | None
+    subtitles_note: tuple[str, str]  # {subtitles_note} without and with subtitles
+    frame_label: str
+    subtitled_label: str            # a frame with subtitle lines
+    subtitle_separator: str
+    label_every_frame: bool         # with subtitles, every frame gets `subtitled_label`, lines or not
+    closing: str | None
+    times: str                      # a key of TIME_FORMATS
+    words: tuple[tuple[str, int], ...]   # (level, words asked for)
+    system_fields: bool             # fill {num_frame} and {num_words} in the system prompt
+
+    def word_limit(self, level: str) -> int:
+        return dict(self.words).get(level, 400)
+
+
+CAPTION_LAYOUT = CaptionLayout(
+    name="",
+    intro=("These are {count} frames sampled in order from a {level}-level clip of a video, from {start} to "
+           "{end}. Each frame is preceded by its timestamp{subtitles_note}"),
+    subtitles_note=(".", " and the subtitle lines shown from then until the next frame."),
+    frame_label="[{time}]", subtitled_label="[{time}] Subtitles: {lines}", subtitle_separator=" / ",
+    label_every_frame=False,
+    closing="Describe this clip in about {words} words, inside <caption></caption> tags.",
+    times="clock", words=tuple(WORD_LIMITS.items()), system_fields=False)
+
+
+def prompt_hash(system_prompt: str, layout: CaptionLayout = CAPTION_LAYOUT) -> str:
+    """Identifies the whole prompt: the system text and the user-message layout."""
+    version = f"{USER_TEMPLATE_VERSION}/{layout.name}" if layout.name else USER_TEMPLATE_VERSION
+    h = hashlib.sha256(f"{version}\n{system_prompt}".encode()).hexdigest()
+    return h[:16]
 
 
 def parse_caption(reply: str) -> str:
@@ -91,28 +139,40 @@ def frame_subtitles(node: dict) -> list[list[str]]:
     return out
 
 
+def caption_system_prompt(system_prompt: str, frames: int, level: str,
+                          layout: CaptionLayout = CAPTION_LAYOUT) -> str:
+    """The system prompt as sent: a layout with `system_fields` fills in the frame count and word limit."""
+    if not layout.system_fields:
+        return system_prompt
+    # str.replace, not str.format: a user's prompt file may hold other braces.
+    return (system_prompt.replace("{num_frame}", str(frames))
+            .replace("{num_words}", str(layout.word_limit(level))))
+
+
 def build_caption_messages(node: dict, frames: list[bytes], system_prompt: str,
-                           use_subtitles: bool = True) -> list[Message]:
+                           use_subtitles: bool = True, layout: CaptionLayout = CAPTION_LAYOUT) -> list[Message]:
     """The chat request for one node: timestamps, subtitles and frames, in order."""
     level = node["level"]
     times = node["frame_times"]
+    at = TIME_FORMATS[layout.times]
     has_subs = use_subtitles and bool(node.get("subtitles"))
-    intro = (f"These are {len(frames)} frames sampled in order from a {level}-level clip of a "
-             f"video, from {format_time(node['start'])} to {format_time(node['end'])}. "
-             f"Each frame is preceded by its timestamp"
-             + (" and the subtitle lines shown from then until the next frame." if has_subs else "."))
-    parts: list[dict] = [text_part(intro)]
+    parts: list[dict] = []
+    if layout.intro is not None:
+        parts.append(text_part(layout.intro.format(count=len(frames), level=level, start=at(node["start"]),
+                                                   end=at(node["end"]),
+                                                   subtitles_note=layout.subtitles_note[has_subs])))
     subs = frame_subtitles(node) if has_subs else [[] for _ in times]
     for t, jpeg, lines in zip(times, frames, subs):
-        label = f"[{format_time(t)}]"
-        if lines:
-            label += " Subtitles: " + " / ".join(lines)
+        if lines or (has_subs and layout.label_every_frame):
+            label = layout.subtitled_label.format(time=at(t), lines=layout.subtitle_separator.join(lines))
+        else:
+            label = layout.frame_label.format(time=at(t))
         parts.append(text_part(label))
         parts.append(image_part(jpeg))
-    words = WORD_LIMITS.get(level, 400)
-    parts.append(text_part(f"Describe this clip in about {words} words, "
-                           f"inside <caption></caption> tags."))
-    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": parts}]
+    if layout.closing is not None:
+        parts.append(text_part(layout.closing.format(words=layout.word_limit(level))))
+    system = caption_system_prompt(system_prompt, len(frames), level, layout)
+    return [{"role": "system", "content": system}, {"role": "user", "content": parts}]
 
 
 @dataclass(frozen=True)
@@ -172,19 +232,26 @@ class Captioner:
     """
 
     def __init__(self, model: ChatModel, store: CaptionStore, frames: FrameStore,
-                 options: CaptionOptions = CaptionOptions(), system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+                 options: CaptionOptions = CaptionOptions(), system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                 layout: CaptionLayout = CAPTION_LAYOUT):
         self.model = model
         self.store = store
         self.frames = frames
         self.options = options
         self.system_prompt = system_prompt
-        self.prompt_hash = prompt_hash(system_prompt)
+        self.layout = layout
+        self.prompt_hash = prompt_hash(system_prompt, layout)
         self._inflight: dict[str, asyncio.Future] = {}
 
     def key_for(self, node: dict) -> CaptionKey:
+        sampling = {}
+        if node.get("frame_sampling"):  # keyframe-sampled frames are other frames: never mix their captions
+            sampling = {"sampling": node["frame_sampling"].get("mode"),
+                        "tolerance": node["frame_sampling"].get("tolerance")}
         settings = CaptionKey.settings(frames=len(node.get("frame_indices", [])),
                                        side=node.get("image_side"),
-                                       subtitles=bool(self.options.use_subtitles and node.get("subtitles")))
+                                       subtitles=bool(self.options.use_subtitles and node.get("subtitles")),
+                                       **sampling)
         return CaptionKey(video_id=node["video_id"], level=node["level"], start=node["start"],
                           end=node["end"], model=self.model.name, prompt_hash=self.prompt_hash,
                           frame_settings=settings)
@@ -212,7 +279,8 @@ class Captioner:
 
         t0 = time.perf_counter()
         frames = await asyncio.to_thread(self._read_frames, node)
-        messages = build_caption_messages(node, frames, self.system_prompt, self.options.use_subtitles)
+        messages = build_caption_messages(node, frames, self.system_prompt, self.options.use_subtitles,
+                                          self.layout)
         try:
             reply: Completion = await self.model.complete(messages, self.options.generation(node["level"]))
         except ModelError as e:

@@ -13,7 +13,6 @@ import json
 import re
 import os
 import sys
-from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from .lettering import answer_key, normalize_options
@@ -38,17 +37,23 @@ class BadLine:
 
 # ---------------------------------------------------------------- files
 
-def read_prompt_file(path: "str | os.PathLike | None", default: str, error: type[Exception] = ValueError) -> str:
-    """A system prompt from a user's file (`default` when none is given); `error` names an unusable file."""
+def read_prompt_file(path: "str | os.PathLike | None", default: str, error: type[Exception] = ValueError, *,
+                     strip: bool = True) -> str:
+    """A system prompt from a user's file (`default` when none is given); `error` names an unusable file.
+
+    Trimmed, with its newlines read as ``\\n``; with ``strip=False``, byte for byte as written
+    (a prompt a checkpoint was trained with). A blank file is refused either way.
+    """
     if path is None:
         return default
     try:
-        text = Path(path).read_text(encoding="utf-8").strip()
+        with open(path, encoding="utf-8", newline=None if strip else "") as f:
+            text = f.read()
     except OSError as e:
         raise error(f"{path}: cannot read the system prompt ({e.strerror})") from None
-    if not text:
+    if not text.strip():
         raise error(f"{path}: the system prompt file is empty")
-    return text
+    return text.strip() if strip else text
 
 
 def read_text(name: str, stdin: IO[str] | None = None) -> str:

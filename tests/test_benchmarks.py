@@ -252,6 +252,18 @@ def test_split_question_options():
         split_question_options("Q\n(A) x")
 
 
+def test_split_question_options_in_any_label_style():
+    """The LongVideo-R1 flat files and RL prompts: any letter style, from the last line lettered A."""
+    q, opts = split_question_options("A. Lincoln spoke\nwhen?\nA) at dawn\nB) at noon\n  or later", any_label=True)
+    assert q == "A. Lincoln spoke\nwhen?" and opts == ("A. at dawn", "B. at noon or later")
+    q, opts = split_question_options("Which?\n[A] x\n[B] y\n[C] z", any_label=True)
+    assert q == "Which?" and opts == ("A. x", "B. y", "C. z")
+    with pytest.raises(ValueError, match="no option line lettered A"):
+        split_question_options("Which one?\n(B) y", any_label=True)
+    with pytest.raises(ValueError, match="question text is empty"):
+        split_question_options("A. x\nB. y", any_label=True)
+
+
 def test_lvbench_bad_answer_and_missing_uid(tmp_path):
     video = {"key": "abc", "type": "tv", "qa": [
         {"question": "Q1?\n(A) a\n(B) b", "answer": "B", "question_type": ["reasoning"]},
@@ -404,7 +416,8 @@ def test_auto_detects_each_format(tmp_path):
     assert detect_format(jsonl(tmp_path / "d.jsonl", {"video": "v", "question": "q"})) == "native"
     # a leading bad line does not hide the format
     assert detect_format(jsonl(tmp_path / "e.jsonl", "oops", MLVU_PLOTQA[0])) == "mlvu"
-    assert set(EVAL_FORMATS) == {"auto", "native", "lvbench", "videomme", "mlvu"}
+    assert detect_format(jsonl(tmp_path / "f.jsonl", {"key": "k", "question": "q\n(A) x\n(B) y"})) == "longvideo-r1"
+    assert set(EVAL_FORMATS) == {"auto", "native", "lvbench", "videomme", "mlvu", "longvideo-r1"}
 
 
 # ---------------------------------------------------------------- resolve_video

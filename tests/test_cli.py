@@ -26,6 +26,7 @@ DEFAULT_END_TO_END = {
     "dpo": "test_dpo.py::test_dpo_raises_the_margin_and_the_output_loads_for_ask",
     "rl": "test_rl.py::test_one_step_masks_tool_results_not_model_tokens",
     "doctor": "test_doctor.py::test_all_ok_exit_0_and_requests_sent",
+    "protocol": "test_released_data.py::test_protocol_extract_writes_each_system_prompt_byte_for_byte",
 }
 
 # Collects as a plain `pytest` run does (pyproject's addopts deselect `slow`) and prints each

@@ -116,3 +116,18 @@ def test_a_config_value_of_the_wrong_type_is_a_usage_error(tmp_path):
     cfg.write_text("max_rounds: many\n")
     proc = lvr("ask", "v.mp4", "q", "--config", cfg)
     assert proc.returncode == 2 and "--max-rounds" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_key_that_is_both_a_command_and_an_option(tmp_path):
+    """`protocol` names a command and the --protocol option: a value is the option, a table the command's section."""
+    from lvr_test_helpers import run_lvr
+
+    config = tmp_path / "c.yaml"
+    config.write_text("protocol: longvideo-r1\n")
+    proc = run_lvr("ask", tmp_path / "none.mp4", "Q?", "--config", config, "--model", "m",
+                   "--base-url", "http://127.0.0.1:9/v1")
+    assert "must be a table" not in proc.stderr
+    assert "--system-prompt" in proc.stderr  # the profile was chosen, and it needs the user's prompt file
+    config.write_text("protocol: {}\n")
+    proc = run_lvr("ask", tmp_path / "none.mp4", "Q?", "--config", config)
+    assert "must be a table" not in proc.stderr

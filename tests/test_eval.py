@@ -142,3 +142,70 @@ def test_bad_records_and_missing_videos_are_named(bench, tmp_path):
     assert "escape" in proc.stderr and "gone" in proc.stderr
     assert [json.loads(x)["qid"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == ["ok"]
     assert "Traceback" not in proc.stderr
+
+
+# -- scoring rules -----------------------------------------------------------------------------------
+
+# question n: (answer key, what the model replies). None: it only calls tools, so with one round it
+# never answers.
+SCORING_CASES = {1: ("A", None), 2: ("B", None), 3: ("B", "(B)"), 4: ("B", "B"), 5: ("A", None)}
+
+
+def no_answer_or_scripted(body: dict) -> str:
+    if body["model"] == "captioner":
+        return "<caption>Numbers count up on a dark screen.</caption>"
+    n = int(body["messages"][1]["content"].split("Question: Q", 1)[1].split(":", 1)[0])
+    reply = SCORING_CASES[n][1]
+    if reply is None:
+        return "<think>I need more.</think><tool>get_caption((1, 1))</tool>"
+    return f"<think>Done.</think><answer>{reply}</answer>"
+
+
+def test_reference_scoring_counts_no_answer_as_a(bench, tmp_path):
+    """--scoring reference (LongVideo-R1's eval/evaluation.py): no answer counts as A, the answer text must be
+    the key exactly. The default counts no answer as wrong and reads the letter out of "(B)". Both runs
+    record their rule, and each summary gives the accuracy under both rules."""
+    qs = tmp_path / "qs.jsonl"
+    qs.write_text("".join(json.dumps({"schema": "lvr.question/1", "id": f"q{n}", "video": "one.mp4",
+                                      "question": f"Q{n}: which?", "options": ["A. odd", "B. even"],
+                                      "answer": key}) + "\n" for n, (key, _) in SCORING_CASES.items()))
+    runs = {}
+    with FakeOpenAI(no_answer_or_scripted, models=("navigator", "captioner")) as server:
+        for rule in ("lvr", "reference"):
+            out, summary = tmp_path / f"{rule}.jsonl", tmp_path / f"{rule}.summary.json"
+            extra = ["--scoring", rule] if rule == "reference" else []
+            proc = run_lvr("eval", qs, *flags(server.url, tmp_path / "cache")[:-1], bench / "videos",
+                           "--max-rounds", "1", "-o", out, "--summary", summary, *extra)
+            assert proc.returncode == 0, proc.stderr
+            records = {r["qid"]: r for r in map(json.loads, out.read_text().splitlines())}
+            runs[rule] = (records, json.loads(summary.read_text()), proc.stderr)
+
+    lvr_records, lvr_summary, lvr_err = runs["lvr"]
+    ref_records, ref_summary, ref_err = runs["reference"]
+    assert lvr_records["q1"]["prediction"] is None and lvr_records["q1"]["stopped"] == "max_rounds"
+    assert {q: r["correct"] for q, r in lvr_records.items()} == \
+        {"q1": False, "q2": False, "q3": True, "q4": True, "q5": False}
+    assert {q: r["correct"] for q, r in ref_records.items()} == \
+        {"q1": True, "q2": False, "q3": False, "q4": True, "q5": True}
+    right = {"lvr": 2, "reference": 3}
+    for rule, (records, summary, err) in runs.items():
+        assert all(r["scoring"] == rule and r["settings"]["scoring"] == rule for r in records.values())
+        assert summary["scoring"] == rule and summary["settings"]["scoring"] == rule
+        assert summary["correct"] == right[rule] and summary["accuracy"] == right[rule] / 5
+        assert summary["accuracy_by_scoring"] == {"lvr": {"correct": 2, "accuracy": 0.4},
+                                                  "reference": {"correct": 3, "accuracy": 0.6}}
+        assert f"Accuracy ({rule} scoring) {right[rule]}/5" in err
+
+
+def test_scoring_rules_by_hand():
+    from lvr.infer.evaluate import EvalOptions, score
+
+    options = ["A. odd", "B. even"]
+    assert score("reference", None, None, options, "A") and not score("lvr", None, None, options, "A")
+    assert not score("reference", None, None, options, "B")
+    assert score("lvr", "(B)", "B", options, "B") and not score("reference", "(B)", "B", options, "B")
+    assert not score("reference", "b", "B", options, "B") and score("reference", " B ", "B", options, "B")
+    assert score("reference", "Fourier's law", None, [], "Fourier's law")
+    assert not score("reference", "fourier's law", None, [], "Fourier's law")
+    with pytest.raises(ValueError, match="--scoring takes lvr, reference"):
+        EvalOptions(scoring="strict")

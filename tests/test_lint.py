@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from lvr.infer.benchmarks import EvalFormatError
+from lvr.infer.profiles import LONGVIDEO_R1, LONGVIDEO_R1_PROFILE
 from lvr.infer.protocol import (DEFAULT_SYSTEM_PROMPT, Breach, first_user_message, system_prompt,
                                 tool_result_message)
+from lvr.prep.models.base import text_messages
 from lvr.train.lint import HINT_PREFIX, LintFileError, LintReport, lint_file, lint_records, lint_trajectory
 
 K = 4
@@ -152,6 +154,60 @@ def test_roles_and_record_shape():
     rec = trajectory()
     rec["messages"][2]["content"] = [{"type": "text", "text": "x"}]
     assert codes(lint_trajectory(rec, 1)) == ["bad_record"]
+
+
+def longvideo_r1_trajectory(settings=None, **extra):
+    """GOOD_TURNS as the longvideo-r1 profile lays them out, the answer in the last round: the
+    last-round notice is a user message of its own after the video_qa result."""
+    profile = LONGVIDEO_R1_PROFILE
+    messages = [{"role": "system", "content": profile.system_message("Navigate a tree of width {width}.", K)},
+                {"role": "user", "content": profile.first_user_content(QUESTION, OPTIONS, DURATION, HIGH)}]
+    results = [("get_caption", (3, 2), None, "A phone rings."), ("get_caption", (3, 2, 1), None, "A hand."),
+               ("video_qa", (3, 2, 1), "What does he pick up?", "A set of keys.")]
+    for (text, _), (tool, node, query, result) in zip(GOOD_TURNS, results):
+        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "user", "content": profile.tool_result(tool, node, 200.0, 203.1, result, query)})
+    profile.add_last_round(messages)
+    messages.append({"role": "assistant", "content": GOOD_TURNS[-1][0]})
+    settings = {"protocol": LONGVIDEO_R1} if settings is None else settings
+    return trajectory(messages=text_messages(messages), settings=settings, **extra)
+
+
+def test_longvideo_r1_last_round_notice_is_its_own_user_message():
+    rec = longvideo_r1_trajectory()
+    roles = [m["role"] for m in rec["messages"]]
+    assert roles[-3:] == ["user", "user", "assistant"]
+    assert rec["messages"][-2]["content"] == LONGVIDEO_R1_PROFILE.last_round
+    assert lint_trajectory(rec, 1) == []
+    # A rejected record that gave up on the last round ends on the notice: no answer, roles fine.
+    gave_up = longvideo_r1_trajectory(accepted=False)
+    gave_up["messages"].pop()
+    assert codes(lint_trajectory(gave_up, 1)) == ["no_answer"]
+
+
+def with_notice(settings=None, *, text=None, move_to=None, extra_user=False):
+    """A longvideo-r1 trajectory with its notice changed: other settings, other text, moved, or doubled."""
+    rec = longvideo_r1_trajectory(settings)
+    messages = rec["messages"]
+    if text is not None:
+        messages[-2]["content"] = text
+    if move_to is not None:
+        messages.insert(move_to, messages.pop(-2))
+    if extra_user:
+        messages.insert(-2, {"role": "user", "content": "extra"})
+    return rec
+
+
+@pytest.mark.parametrize("rec", [
+    # The lvr profile appends the notice to the last user message; a record without a protocol is lvr's.
+    with_notice({"protocol": "lvr"}),
+    with_notice({}),
+    with_notice(text="Answer now."),                  # other text in the notice's place
+    with_notice(move_to=3),                           # the notice before an earlier assistant turn
+    with_notice(extra_user=True),                     # three user messages in a row
+], ids=["lvr", "no-protocol", "other-text", "moved", "three-users"])
+def test_two_user_messages_are_bad_roles_unless_the_profile_sends_the_notice_so(rec):
+    assert "bad_roles" in codes(lint_trajectory(rec, 1))
 
 
 def write_planted(path: Path) -> dict[str, list[int]]:

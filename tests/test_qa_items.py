@@ -85,17 +85,30 @@ def test_round_trip_through_to_record(tmp_path):
     assert items[0].to_record()["schema"] == "lvr.qa/1"
 
 
-def test_question_records_with_clues_are_accepted(tmp_path):
+def test_question_records_are_accepted_with_or_without_clues(tmp_path):
     rec = native(schema="lvr.question/1", subtitles=True)
     items, errors = load_qa_items(jsonl(tmp_path / "q.jsonl", rec, native(schema="lvr.question/1", id="q2",
                                                                             clues=...)))
-    assert [i.qid for i in items] == ["q1"] and items[0].extra == {"subtitles": True}
-    assert errors == [f"{tmp_path / 'q.jsonl'}:2: missing 'clues' (at least one [start, end] interval in seconds)"]
+    assert errors == []
+    assert [i.qid for i in items] == ["q1", "q2"] and items[0].extra == {"subtitles": True}
+    assert items[0].clues == ((3130.0, 3160.5), (3290.0, 3300.0)) and items[1].clues == ()
 
 
 @pytest.mark.parametrize("clues, reason", [
     (..., "missing 'clues'"),
+    (None, "missing 'clues'"),
     ([], "'clues' is empty"),
+])
+def test_items_without_clues_load_but_required_clues_refuse_them(tmp_path, clues, reason):
+    # `lvr rl` scores a clue-free item by its answer alone; where clues are required, none is an error.
+    items, errors = load_qa_items(jsonl(tmp_path / "qa.jsonl", native(id="free", clues=clues)))
+    assert errors == [] and [(i.qid, i.clues) for i in items] == [("free", ())]
+    with pytest.raises(ValueError, match=reason):
+        validate_clues(None if clues is ... else clues, required=True)
+    assert validate_clues(None if clues is ... else clues, required=False) == ()
+
+
+@pytest.mark.parametrize("clues, reason", [
     ("0-10", "'clues' must be a list of [start, end] pairs"),
     ([10, 20], "must be a list of [start, end] pairs, e.g. [[10, 20]]"),
     ([[10, 20, 30]], "clues[0] must be a [start, end] pair"),
@@ -195,7 +208,7 @@ def test_unreadable_files_raise(tmp_path):
     with pytest.raises(QAFormatError, match="not JSON"):
         load_qa_items(tmp_path / "bad.json")
     assert load_qa_items(jsonl(tmp_path / "empty.jsonl")) == ([], [])
-    assert QA_FORMATS == ("auto", "native", "cgbench")
+    assert QA_FORMATS == ("auto", "native", "cgbench", "longvideo-r1")
 
 
 # ---------------------------------------------------------------- properties

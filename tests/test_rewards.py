@@ -11,6 +11,7 @@ from lvr.train.hints import merge_intervals
 from lvr.train.rewards import (
     RewardParts,
     RewardWeights,
+    answer_only_reward,
     answer_reward,
     center_distance_reward,
     composite_reward,
@@ -19,6 +20,7 @@ from lvr.train.rewards import (
     localisation_scores,
     precision,
     repeat_penalty,
+    rollout_reward,
 )
 
 OPTIONS = ["A. a cat", "B. a dog", "C. a bird"]
@@ -178,7 +180,8 @@ def test_composite_default_weights():
     assert parts.center_distance > 0                    # logged even with weight 0 ...
     assert parts.total == pytest.approx(parts.answer + parts.localisation - 0.2 * parts.repeat)  # ... not added
     rec = parts.to_record()
-    assert set(rec) == {"answer", "localisation", "repeat", "center_distance", "total"}
+    assert set(rec) == {"answer", "localisation", "repeat", "center_distance", "total", "rule", "answer_only"}
+    assert (rec["rule"], rec["answer_only"]) == ("lvr", False)
 
 
 def test_composite_no_tool_calls_is_answer_reward():
@@ -199,6 +202,44 @@ def test_composite_weights():
         composite_reward(answer="B", choice="B", options=OPTIONS, reference="B",
                          visits=[], clues=[(10, 20)], weights=w)
     assert RewardWeights() == RewardWeights(1.0, 1.0, 0.2, 0.0)
+
+
+# --------------------------------------------------------------------------- items without clues
+
+def rollout(**over) -> dict:
+    """A rollout record as `lvr rl` hands it to the reward: two caption visits, then answer B."""
+    rec = {"answer": "B", "choice": "B", "options": OPTIONS, "reference": "B",
+           "visits": [cap(15, 25, (1, 2)).to_record(), cap(15, 25, (1, 2)).to_record()], "clues": [[10, 20]],
+           "duration": 100.0, "width": 4,
+           "turn_texts": ["<think>a</think><tool>get_caption((1, 2))</tool>",
+                          "<think>b</think><tool>get_caption((1, 2))</tool>", "<think>c</think><answer>B</answer>"],
+           "results": ["caption one", "caption two", None], "breaches": [None, None, None]}
+    rec.update(over)
+    return rec
+
+
+@pytest.mark.parametrize("rule", ["lvr", "reference"])
+def test_items_without_clues_get_the_answer_term_alone(rule):
+    w = RewardWeights(answer=2.0, localisation=1.0, repeat=0.2)
+    parts = rollout_reward(rule, rollout(clues=[]), w)
+    assert parts == RewardParts(answer=1.0, localisation=None, repeat=None, center_distance=None, total=2.0,
+                                rule=rule, answer_only=True)
+    # the same rollout with its clue is scored by every term (a repeated visit: repeat 1)
+    full = rollout_reward(rule, rollout(), w)
+    assert not full.answer_only and full.repeat == 1.0 and full.total != 2.0
+    wrong = rollout_reward(rule, rollout(clues=[], answer="C", choice="C",
+                                         turn_texts=["<think>c</think><answer>C</answer>"]), w)
+    assert (wrong.answer, wrong.total, wrong.answer_only) == (0.0, 0.0, True)
+
+
+def test_answer_only_follows_the_rule_of_the_answer_term():
+    # "(B)" picks B for lvr; the reference wants the answer text to be the key exactly
+    said = rollout(clues=[], answer="(B)", turn_texts=["<think>c</think><answer>(B)</answer>"])
+    assert rollout_reward("lvr", said).answer == 1.0
+    assert rollout_reward("reference", said).answer == 0.0
+    assert answer_only_reward("lvr", answer=None, choice=None, options=OPTIONS, reference="B").total == 0.0
+    with pytest.raises(ValueError, match="unknown reward rule"):
+        rollout_reward("paper", rollout())
 
 
 # --------------------------------------------------------------------------- properties

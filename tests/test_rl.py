@@ -292,6 +292,11 @@ def test_usage_errors_are_one_line(world, tmp_path):
          "not a multiple of --num-generations 3"),
         ([*base, "--caption-model", "c", "--vllm", "server"], "--vllm must be auto, off or colocate"),
         ([*base, "--caption-model", "c", "--kl-argument-scale", "2"], "--kl-argument-scale must be in [0, 1]"),
+        ([*base, "--caption-model", "c", "--reward", "paper"], "--reward must be one of lvr, reference"),
+        ([*base, "--caption-model", "c", "--reward", "reference", "--w-center-distance", "0.5"],
+         "--reward reference has no center-distance term"),
+        ([*base, "--caption-model", "c", "--questions-per-step", "5", "--batch-size", "3", "--dry-run"],
+         "= 80 rollouts per step, which 1 process(es) x --batch-size 3 = 3 per micro-step do not divide"),
         ([*base, "--caption-model", "c", "--model", str(tmp_path / "nowhere")], "no such model folder"),
         (["rl", str(tmp_path / "missing.jsonl"), "--model", str(world["model"]), "-o", str(tmp_path / "o"),
           "--caption-model", "c", "--dry-run"], "no such QA file"),
@@ -395,6 +400,43 @@ def test_one_step_masks_tool_results_not_model_tokens(world, scripted_policy, tm
         on = torch.tensor(mask, dtype=torch.bool)
         assert torch.allclose(logps[on], sampled[on], atol=2e-3), (logps[on] - sampled[on]).abs().max()
         assert torch.all(sampled[~on] == 0)
+
+
+def test_one_step_on_items_with_and_without_clues(world, scripted_policy, tmp_path):
+    """A QA file mixing an item with clues and items without (an empty list, no key): one step under
+    --reward reference. The clue-free items get the answer-only reward; the other the reference's terms."""
+    from lvr.train.rewards import reference_merge_clues, rollout_reward
+
+    with_clues, *clue_free = [dict(world["items"][0], id="clued"), dict(world["items"][1], id="empty", clues=[]),
+                              {k: v for k, v in world["items"][2].items() if k != "clues"} | {"id": "none"}]
+    qa = tmp_path / "mixed.jsonl"
+    qa.write_text("".join(json.dumps(i) + "\n" for i in [with_clues, *clue_free]))
+    out, log = tmp_path / "rl", tmp_path / "rollouts.jsonl"
+    with FakeOpenAI(fake_caption, models=("captioner",)) as server:
+        args = rl_args(world, scripted_policy, out, server.url, "--video-dir", world["root"], "--reward", "reference",
+                       "--num-generations", "2", "--batch-size", "2", "--questions-per-step", "3", "--warmup-steps",
+                       "1", "--max-steps", "1", "--max-turns", "3", "--max-tokens", "40", "--max-completion-length",
+                       "400", "--rollout-log", log, "-q")
+        proc = run_lvr("rl", qa, *args[1:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((out / "lvr_rl.json").read_text())
+    assert record["data"]["items"] == 3 and record["data"]["skipped"] == []
+    s = record["settings"]
+    assert (s["reward"], s["questions_per_step"], s["grad_accum"], s["warmup_steps"]) == ("reference", 3, 3, 1)  # 3 questions x 2 rollouts = 6 = 1 process x 2 per micro-step x 3
+    assert "rewards/answer_only" in record["curve"][0]
+    rollouts = [json.loads(x) for x in log.read_text().splitlines()]
+    assert sorted(r["qid"] for r in rollouts) == ["clued", "clued", "empty", "empty", "none", "none"]
+    for r in rollouts:
+        parts = r["reward"]
+        assert parts["rule"] == "reference" and r["width"] == 4
+        if r["qid"] == "clued":
+            assert parts["answer_only"] is False and parts["localisation"] is not None and parts["repeat"] is not None
+            assert r["clues"] == [list(c) for c in reference_merge_clues(with_clues["clues"])]
+        else:
+            assert r["clues"] == [] and parts["answer_only"] is True
+            assert parts["localisation"] is None and parts["repeat"] is None and parts["center_distance"] is None
+            assert parts["total"] == parts["answer"]
+        assert parts == rollout_reward("reference", r).to_record()  # the logged parts are the rule's numbers
 
 
 @pytest.mark.slow  # trains in two processes

@@ -213,6 +213,20 @@ def test_llamafactory_per_turn_export(asked, tmp_path):
         assert [c["value"] for c in sample["conversations"][:-1]] == [m["content"] for m in model.requests[i][1:]]
 
 
+def test_lvr_sft_reads_its_own_llamafactory_export_back(asked, tmp_path):
+    """The sharegpt export loads into `lvr sft` as the conversation it came from, system prompt included."""
+    from lvr.train.sft import load_sft_data
+
+    result, _ = asked
+    samples, _ = sft_samples([record(result.messages)], per_turn=True)
+    data_path, _ = write_llamafactory(samples, tmp_path)
+    data = load_sft_data(data_path)
+    assert data.format == "llamafactory-sharegpt"
+    assert [s["messages"] for s in data.samples] == [s["prompt"] + s["completion"] for s in samples]
+    masked = load_sft_data(data_path, mask_history=True)
+    assert masked.samples == samples  # --mask-history: each per-turn sample trains its own turn
+
+
 def test_dataset_info_keeps_other_entries(asked, tmp_path):
     result, _ = asked
     (tmp_path / "dataset_info.json").write_text(json.dumps({"alpaca_en": {"file_name": "alpaca.json"}}))

@@ -167,3 +167,26 @@ def test_dry_run_calls_no_model(qa_dir, tmp_path):
     assert lines[0] == "8 items over 1 videos"
     assert lines[1].startswith("teacher: about 88 requests")   # 11 rounds per item (10.5 rounded up)
     assert "captioner: at most" in lines[2] and lines[3].startswith("teacher cost: about $")
+
+
+def test_items_without_clues_are_named_and_skipped(qa_dir, tmp_path):
+    def right_away(body):
+        return caption(body) if body["model"] == "captioner" else "<think>Two.</think><answer>B</answer>"
+
+    good = {"schema": "lvr.qa/1", "id": "clued", "video": "numbers.mp4", "question": "Which?",
+            "options": ["A. one", "B. two"], "answer": "B", "clues": [[4.0, 4.4]]}
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in [
+        {**good, "id": "no-clues", "clues": None}, good, {**good, "id": "empty-clues", "clues": []}]))
+    out = tmp_path / "traj.jsonl"
+    with FakeOpenAI(right_away, models=("teacher", "captioner")) as server:
+        proc = run_lvr("synthesize", qa, *flags(server.url, tmp_path / "cache"), "--video-dir", qa_dir, "-o", out,
+                       "-q")
+        asked = {b["messages"][1]["content"].split("\n", 1)[0] for b in server.requests if b["model"] == "teacher"}
+    assert proc.returncode == 1, proc.stderr
+    errors = [line.split("error: ", 1)[1] for line in proc.stderr.splitlines() if "no clues" in line]
+    assert [e.split(": no clues; ")[0] for e in errors] == [f"{qa}: item no-clues", f"{qa}: item empty-clues"]
+    assert "2 bad records" in proc.stderr
+    # The batch went on with the clued item alone.
+    assert [json.loads(x)["qid"] for x in out.read_text().splitlines()] == ["clued"]
+    assert asked == {"Question: Which?"}

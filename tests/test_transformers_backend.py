@@ -146,17 +146,23 @@ def test_text_only_qwen3(qwen3_chat, tiny_qwen3):
     try:
         plain = run(qwen3_chat.complete([{"role": "user", "content": "Which clip?"}],
                                         GenerationOptions(max_tokens=3)))
-        parts = run(qwen3_chat.complete([{"role": "system", "content": "Be brief."},
-                                         {"role": "user", "content": [text_part("Which "), text_part("clip?")]}],
-                                        GenerationOptions(max_tokens=3)))
+        messages = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": [text_part("Which clip?"), text_part("A. the first")]}]
+        parts = run(qwen3_chat.complete(messages, GenerationOptions(max_tokens=3)))
     finally:
         qwen3_chat.inspect = None
     assert isinstance(plain.text, str) and isinstance(parts.text, str)
     assert 1 <= plain.usage.completion_tokens <= 3
     assert seen["images"] == []
-    assert seen["text"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhich clip?<|im_end|>\n"
-                            "<|im_start|>assistant\n")
+    # Text parts are joined by newlines, as vLLM hands them to a text-only template.
+    assert seen["text"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhich clip?\nA. the first"
+                            "<|im_end|>\n<|im_start|>assistant\n")
     assert parts.usage.prompt_tokens == seen["inputs"]["input_ids"].shape[1]
+    # ... and exactly as an RL rollout renders the same conversation.
+    from lvr.train.rollout import TokenRecordingModel
+
+    rollout = TokenRecordingModel(qwen3_chat.get_tokenizer(), None, max_completion_tokens=8)
+    assert rollout.render(messages, True) == seen["text"]
 
     with pytest.raises(ModelError, match="text-only"):
         run(qwen3_chat.complete([{"role": "user", "content": [image_part(jpeg((32, 32), "red"))]}]))

@@ -4,7 +4,9 @@ Every assistant turn of a trajectory's ``messages`` is judged by the same parser
 the agent uses (`lvr.infer.protocol.parse_turn`), so a turn that lint passes is
 one that `ask` would have accepted. On top of that, whole-conversation rules:
 
-- roles run system, user, then assistant/user alternating, ending on assistant;
+- roles run system, user, then assistant/user alternating, ending on assistant; a profile
+  that sends the last-round notice as a user message of its own (``longvideo-r1``) has it
+  right after the last user message, so there two user messages follow each other;
 - ``video_qa`` on a leaf only after a ``get_caption`` of that leaf in an earlier turn;
 - the last assistant turn is an answer, and no answer comes before it;
 - an accepted record's final answer is right (`lvr.infer.protocol.answer_matches`);
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from ..infer.benchmarks import EvalFormatError
+from ..infer.profiles import PROFILES
 from ..prep.records import read_text
 from ..infer.protocol import Breach, answer_matches, correction, extract_choice, format_id, parse_turn
 from .hints import HINT_PREFIX
@@ -144,6 +147,21 @@ def _k(rec: dict) -> int | None:
     return k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else None
 
 
+def _last_round_notice(rec: dict, messages: list[dict]) -> int | None:
+    """The index of the last-round notice when the record's profile sends it as a user message of its
+    own, right after the last user message (and before the final assistant turn); None otherwise."""
+    settings = rec.get("settings")
+    protocol = settings.get("protocol") if isinstance(settings, dict) else None
+    profile = PROFILES.get(protocol) if isinstance(protocol, str) else None
+    if profile is None or not profile.last_round_alone:
+        return None
+    i = len(messages) - 2 if messages[-1]["role"] == "assistant" else len(messages) - 1
+    if (i >= 2 and messages[i]["role"] == messages[i - 1]["role"] == "user"
+            and messages[i]["content"] == profile.last_round):
+        return i
+    return None
+
+
 def lint_trajectory(rec: dict, line: int) -> list[LintIssue]:
     """Every rule breach in one trajectory record (accepted or not)."""
     qid = rec.get("qid") if isinstance(rec.get("qid"), str) else (
@@ -172,10 +190,13 @@ def lint_trajectory(rec: dict, line: int) -> list[LintIssue]:
         add(BAD_RECORD, f"messages[{bad}] needs a string 'role' and a string 'content'")
         return issues
 
-    # Roles: system, user, then assistant/user alternating.
+    # Roles: system, user, then assistant/user alternating (a last-round notice of its own aside).
     roles = [m["role"] for m in messages]
-    for i, role in enumerate(roles):
-        want = "system" if i == 0 else "user" if i % 2 else "assistant"
+    notice = _last_round_notice(rec, messages)
+    alternating = [i for i in range(len(roles)) if i != notice]
+    for n, i in enumerate(alternating):
+        role = roles[i]
+        want = "system" if n == 0 else "user" if n % 2 else "assistant"
         if role != want:
             add(BAD_ROLES, f"messages[{i}] is {role!r} where {want!r} belongs "
                            f"(roles: {', '.join(roles[:8])}{', ...' if len(roles) > 8 else ''})")

@@ -2,16 +2,20 @@
 
 A teacher trajectory needs what an eval question has plus ground-truth *clue
 intervals*: the spans of the video (in seconds) that hold the evidence. The
-hints that follow a wrong answer are computed from them. Two record shapes are
+hints that follow a wrong answer are computed from them. Three record shapes are
 read (see docs/qa_format.md):
 
 - ``native``: JSONL records with ``"schema": "lvr.qa/1"`` (`QAItem.to_record`
-  writes them). ``lvr.question/1`` records are accepted too when they carry
-  ``"clues"``.
+  writes them). ``lvr.question/1`` records are accepted too. Clues are optional: an item
+  without them cannot be synthesized, and ``lvr rl`` scores it by its answer alone.
 - ``cgbench``: CG-Bench's annotation files (``cgbench.json``,
   ``cgbench_mini.json``: a JSON list of objects with ``video_uid``, ``qid``,
   ``question``, ``choices``, ``right_answer``, ``clue_intervals`` ...), or the
   same objects as JSONL.
+- ``longvideo-r1``: the LongVideo-R1 release's RL data, verl rows (``prompt``,
+  ``reward_model``, ``extra_info``), read by `lvr.train.released_data.rl_row`.
+
+Each may also be a parquet file (read with pyarrow, which ``datasets`` installs).
 
 A bad record is named (``file:line: reason``) and skipped while the rest load;
 a qid seen twice is an error for the later record. A file that cannot be read
@@ -29,11 +33,12 @@ from typing import IO, Any
 
 from ..infer.benchmarks import NATIVE_SCHEMA as QUESTION_SCHEMA, EvalFormatError, QuestionItem
 from ..prep.records import (STDIO, Collector, RecordSkip, answer_field, id_field, json_records, options_field,
-                            read_text, scalar_text, sniff_format, text_field)
+                            parquet_records, read_text, scalar_text, sniff_format, text_field)
+from .released_data import is_rl_row, rl_row
 
 __all__ = ["QA_FORMATS", "QA_SCHEMA", "QAFormatError", "QAItem", "load_qa_items", "validate_clues"]
 
-QA_FORMATS = ("auto", "native", "cgbench")
+QA_FORMATS = ("auto", "native", "cgbench", "longvideo-r1")
 QA_SCHEMA = "lvr.qa/1"
 
 # A file that cannot be read at all (the same error `lvr eval` raises for question files).
@@ -78,12 +83,15 @@ def _seconds(value: Any, what: str) -> float:
     return x
 
 
-def validate_clues(value: Any, key: str = "clues") -> tuple[tuple[float, float], ...]:
+def validate_clues(value: Any, key: str = "clues", *, required: bool = True) -> tuple[tuple[float, float], ...]:
     """A list of ``[start, end]`` pairs in seconds -> tuple of float pairs.
 
-    Each pair needs finite numbers with ``0 <= start < end``; at least one pair.
+    Each pair needs finite numbers with ``0 <= start < end``; at least one pair,
+    unless `required` is False: then a missing (None) or empty list gives ``()``.
     Raises ValueError naming the first bad pair.
     """
+    if not required and (value is None or (isinstance(value, (list, tuple)) and not value)):
+        return ()
     if value is None:
         raise ValueError(f"missing {key!r} (at least one [start, end] interval in seconds)")
     if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
@@ -107,8 +115,10 @@ def validate_clues(value: Any, key: str = "clues") -> tuple[tuple[float, float],
 
 
 def _clues(rec: dict, key: str) -> tuple[tuple[float, float], ...]:
+    """A record's clue intervals; none (missing or empty) is an item without clues, which `lvr rl`
+    scores by its answer alone. Malformed pairs skip the record."""
     try:
-        return validate_clues(rec.get(key), key)
+        return validate_clues(rec.get(key), key, required=False)
     except ValueError as e:
         raise RecordSkip(str(e)) from None
 
@@ -182,10 +192,25 @@ def _cgbench(col: Collector, where: str, rec: dict) -> None:
                           _category(rec.get("sub_category")), "cgbench", extra))
 
 
+def _longvideo_r1(col: Collector, where: str, rec: dict) -> None:
+    row = rl_row(rec)
+    n = col.next_n(row.video)
+    options = options_field(list(row.options))
+    answer = answer_field(row.answer, options) if options else row.answer
+    clues = _clues({"clue_intervals": row.clues}, "clue_intervals")
+    col.add(where, QAItem(row.qid or f"{row.video}#{n}", row.video, row.question, options, answer, clues,
+                          None, "longvideo-r1", row.extra))
+
+
+_ADAPTERS = {"native": _native, "cgbench": _cgbench, "longvideo-r1": _longvideo_r1}
+
+
 def _sniff(rec: dict) -> str | None:
     schema = rec.get("schema")
     if isinstance(schema, str) and (schema.startswith("lvr.qa/") or schema.startswith("lvr.question/")):
         return "native"
+    if is_rl_row(rec):
+        return "longvideo-r1"
     if "video_uid" in rec or "clue_intervals" in rec or "right_answer" in rec:
         return "cgbench"
     if "video" in rec and "question" in rec:
@@ -195,7 +220,7 @@ def _sniff(rec: dict) -> str | None:
 
 def load_qa_items(path: "str | Path", fmt: str = "auto", *,
                   stdin: IO[str] | None = None) -> tuple[list[QAItem], list[str]]:
-    """Read a QA file (``-`` for stdin): JSONL or a JSON list.
+    """Read a QA file (``-`` for stdin): JSONL, a JSON list, or parquet.
 
     Returns (items, errors): each error is one line ``"file:line: reason"`` for a
     record that was skipped (for a JSON list, the line where the record's ``{``
@@ -208,12 +233,15 @@ def load_qa_items(path: "str | Path", fmt: str = "auto", *,
     name = str(path)
     if name != STDIO and Path(name).is_dir():
         raise QAFormatError(f"{name}: is a directory; give a QA file")
-    records = list(json_records(name, read_text(name, stdin)))
+    if name != STDIO and Path(name).suffix.lower() == ".parquet":
+        records = list(parquet_records(name))
+    else:
+        records = list(json_records(name, read_text(name, stdin)))
     if not records:
         return [], []
     if fmt == "auto":
         fmt = sniff_format(name, records, _sniff, "QA")
     col = Collector()
     for lineno, rec in records:
-        col.take(f"{name}:{lineno}", rec, _native if fmt == "native" else _cgbench)
+        col.take(f"{name}:{lineno}", rec, _ADAPTERS[fmt])
     return col.items, col.errors

@@ -6,28 +6,39 @@ with default weights 1.0, 1.0, 0.2 and 0.0 (the Center-Distance term from
 LongVTG-R1 is an option, off by default). Every part is returned separately
 (`RewardParts`) so it can be logged.
 
-Visits are the executed tool calls of a trajectory, either
-`infer.environment.Visit` objects or their JSONL records (dicts with `tool`,
-`node`, `start`, `end` and, for video_qa, `query`). Tool calls that broke a
-rule came back as corrections and have no visit, so they count nowhere here.
+Two rules compute the parts (`lvr rl --reward`):
 
-Clue intervals are taken as given: callers merge them first with
-`train.hints.merge_intervals` (the LongVideo-R1 5 s gap). Here they are only
-unioned (gap 0), so overlapping clues are never double counted.
+- ``lvr`` (default): from the executed visits. Visits are the executed tool
+  calls of a trajectory, either `infer.environment.Visit` objects or their
+  JSONL records (dicts with `tool`, `node`, `start`, `end` and, for video_qa,
+  `query`). Tool calls that broke a rule came back as corrections and have no
+  visit, so they count nowhere here. Clue intervals are taken as given: callers
+  merge them first (`merge_clues`). Here they are only unioned (gap 0), so
+  overlapping clues are never double counted.
+- ``reference``: LongVideo-R1's own reward, number for number, read off the
+  rollout's text (`reference_reward`).
+
+A QA item without clue intervals gets the answer-only reward under either rule
+(`answer_only_reward`), as the reference does for its Video-MME split.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 from dataclasses import asdict, dataclass
+from itertools import zip_longest
 from typing import Any, Iterable, Sequence
 
 from ..infer.protocol import answer_matches, extract_choice
-from .hints import merge_intervals
+from ..prep import tags
+from .hints import CLUE_GAP_S, merge_intervals
 
 Interval = tuple[float, float]
 
 CAPTION_TOOL = "get_caption"
 QA_TOOL = "video_qa"
+REWARD_RULES = ("lvr", "reference")
 
 
 # --------------------------------------------------------------------------- visits
@@ -234,13 +245,20 @@ class RewardWeights:
 
 @dataclass
 class RewardParts:
-    """Every part of one trajectory's reward, unweighted, and the weighted total."""
+    """Every part of one trajectory's reward, unweighted, and the weighted total.
+
+    `rule` is the rule that computed the parts (`REWARD_RULES`); `answer_only` marks
+    the reward of an item without clue intervals, whose other parts are None (not
+    part of its reward, so not logged either).
+    """
 
     answer: float
-    localisation: float
-    repeat: float
-    center_distance: float
+    localisation: float | None
+    repeat: float | None
+    center_distance: float | None
     total: float
+    rule: str = "lvr"
+    answer_only: bool = False
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -250,13 +268,13 @@ def composite_reward(*, answer: str | None, choice: str | None, options, referen
                      visits: Sequence[Any], clues: Iterable[Sequence[float]],
                      duration: float | None = None,
                      weights: RewardWeights = RewardWeights()) -> RewardParts:
-    """R = w_ans·answer + w_loc·F1 − w_rep·repeat + w_cd·center_distance.
+    """R = w_ans·answer + w_loc·F1 − w_rep·repeat + w_cd·center_distance (the ``lvr`` rule).
 
     Parts: `answer_reward`, `localisation_f1`, `repeat_penalty` and
     `center_distance_reward` (computed when `duration` is given, else 0;
     a non-zero center-distance weight requires it). With no tool calls
     F1 = repeat = center_distance = 0, so R is just w_ans·answer.
-    Clues must already be merged (`train.hints.merge_intervals`).
+    Clues must already be merged (`merge_clues`).
     """
     visits = list(visits)
     clues = [tuple(c) for c in clues]
@@ -272,3 +290,202 @@ def composite_reward(*, answer: str | None, choice: str | None, options, referen
     total = (weights.answer * a + weights.localisation * f1 - weights.repeat * rep
              + weights.center_distance * cd)
     return RewardParts(answer=a, localisation=f1, repeat=rep, center_distance=cd, total=total)
+
+
+# --------------------------------------------------------------------------- the reference's rule
+#
+# LongVideo-R1's RL reward (verl-tool/verl/verl/utils/reward_score/longvideor1_score.py in
+# qiujihao19/LongVideo-R1), reproduced number for number. Where it differs from the lvr rule:
+#
+# - it reads the rollout's text, not the executed visits: every <tool> block counts, inside
+#   the reasoning too and whether or not the environment accepted the call (tags are
+#   case-sensitive there);
+# - only get_caption calls count, at every level (high nodes too); video_qa never does;
+# - node spans are the equal time division of the duration: high node h spans
+#   [(h-1)·D/K, h·D/K], medium and low nodes likewise at D/K² and D/K³ (capped at D);
+# - overlap is summed per visit against each merged clue, not taken against the union of
+#   visits, so visiting a node and then a node inside it counts their common part twice;
+#   precision divides that sum by the union length, so it (and F1) can exceed 1;
+# - repeat = (calls − distinct arguments) / distinct arguments over those get_caption calls;
+# - clues are merged when the next one (by start) begins at most `gap` s after the end of
+#   the one before it (`reference_merge_clues`);
+# - the answer is the last <answer> block of the text, stripped, equal to the reference
+#   string exactly ("B" matches "B", not "b" or "B. a dog").
+
+_REFERENCE_BLOCKS = {tag: re.compile(rf"{re.escape(tags.opening(tag))}(.*?){re.escape(tags.closing(tag))}", re.S)
+                     for tag in (tags.TOOL, tags.ANSWER)}
+_REFERENCE_CALL = re.compile(r"(\w+)\((.*)\)")    # name(...), up to the last ")" on the line
+
+
+def rollout_transcript(turn_texts: Sequence[str], results: Sequence[str | None],
+                       breaches: Sequence[str | None] = ()) -> str:
+    """The text the reference scores: each model turn and the tool result that followed it.
+
+    verl-tool decodes a rollout's whole response, tool observations included; a
+    call it could not run observed nothing, so results of turns that broke a rule
+    (lvr's corrections) are left out.
+    """
+    parts = []
+    for text, result, breach in zip_longest(turn_texts, results, breaches[: len(turn_texts)]):
+        parts.append(text or "")
+        if result and not breach:
+            parts.append(result)
+    return "\n".join(parts)
+
+
+def reference_answer(transcript: str) -> str | None:
+    """The last <answer> block of the text, stripped; None when there is none."""
+    found = _REFERENCE_BLOCKS[tags.ANSWER].findall(transcript or "")
+    return found[-1].strip() if found else None
+
+
+def reference_answer_reward(transcript: str, reference: str | None) -> float:
+    """1 when `reference_answer` is the reference string exactly, else 0 (no answer: 0)."""
+    answer = reference_answer(transcript)
+    return 1.0 if answer is not None and reference is not None and answer == str(reference) else 0.0
+
+
+def reference_calls(transcript: str) -> list[tuple[str, Any]]:
+    """(name, arguments) of every <tool> block that reads as name(args) with args a Python
+    literal (nothing: the empty tuple), in order; blocks that do not are skipped."""
+    calls = []
+    for block in _REFERENCE_BLOCKS[tags.TOOL].findall(transcript or ""):
+        m = _REFERENCE_CALL.match(block.strip())
+        if not m:
+            continue
+        text = m.group(2).strip()
+        try:
+            args = ast.literal_eval(text) if text else ()
+        except Exception:  # noqa: BLE001 - anything literal_eval rejects is an unreadable call, as there
+            continue
+        calls.append((m.group(1), args))
+    return calls
+
+
+def reference_node_span(node: Sequence, duration: float, width: int) -> Interval:
+    """A node's span by equal time division: depth d has nodes of D/K^d seconds; the end is
+    capped at D; an id of another length spans (0, 0)."""
+    if not 1 <= len(node) <= 3:
+        return 0.0, 0.0
+    start = sum((node[d] - 1) * (duration / width ** (d + 1)) for d in range(len(node)))
+    return start, min(duration, start + duration / width ** len(node))
+
+
+def reference_merge_clues(intervals: Iterable[Sequence[float]], gap: float = CLUE_GAP_S) -> list[Interval]:
+    """Clue merging as the reference does it: sorted by start, an interval joins the group of the
+    one before it when it starts at most `gap` s after that one's end; each group becomes
+    [lowest start, highest end]. [(0, 100), (10, 20), (30, 40)] -> [(0, 100), (30, 40)]."""
+    spans = [(float(s), float(e)) for s, e in intervals]
+    if len(spans) < 2:
+        return spans
+    spans.sort(key=lambda x: x[0])
+    groups = [[spans[0]]]
+    for before, this in zip(spans, spans[1:]):
+        if this[0] - before[1] <= gap:
+            groups[-1].append(this)
+        else:
+            groups.append([this])
+    return [(min(s for s, _ in g), max(e for _, e in g)) for g in groups]
+
+
+def _reference_union_length(spans: list[Interval]) -> float:
+    """Length of the union, sweeping the spans by start (an inverted span adds nothing)."""
+    if not spans:
+        return 0.0
+    ordered = sorted(spans, key=lambda x: x[0])
+    total, (lo, hi) = 0.0, ordered[0]
+    for s, e in ordered[1:]:
+        if s <= hi:
+            hi = max(hi, e)
+        else:
+            total += max(0.0, hi - lo)
+            lo, hi = s, e
+    return total + max(0.0, hi - lo)
+
+
+def reference_terms(transcript: str, clues: Sequence[Sequence[float]], duration: float | None,
+                    width: int | None) -> tuple[float, float]:
+    """(F1, repeat) of the reference rule; `clues` merged with `reference_merge_clues`.
+
+        visits    = the get_caption arguments with fewer than 4 elements, in order
+        repeat    = (visits − distinct visits) / distinct visits
+        overlap   = Σ over visits v, Σ over clues c of |span(v) ∩ c|
+        coverage  = overlap / Σ|c|          precision = overlap / |∪ span(v)|
+        F1        = 2·coverage·precision / (coverage + precision)
+
+    Both are 0 without such calls. Arguments the reference cannot score are
+    handled as there: one without a length or unhashable (get_caption(3),
+    get_caption([1, 2])) makes both 0; ids that are not numbers keep the
+    repeat term and make F1 0.
+    """
+    try:
+        visits = [args for name, args in reference_calls(transcript) if name == CAPTION_TOOL and len(args) < 4]
+        if not visits:
+            return 0.0, 0.0
+        distinct = len(set(visits))
+    except TypeError:
+        return 0.0, 0.0
+    repeat = (len(visits) - distinct) / distinct
+    try:
+        spans = [reference_node_span(v, duration, width) for v in visits]
+    except (TypeError, ValueError, ArithmeticError):
+        return 0.0, repeat
+    clue_spans = [(float(s), float(e)) for s, e in clues]
+    clue_len = sum(max(0.0, e - s) for s, e in clue_spans)
+    overlap = sum(max(0.0, min(v[1], c[1]) - max(v[0], c[0])) for v in spans for c in clue_spans)
+    union = _reference_union_length(spans)
+    cov = overlap / clue_len if clue_len > 0 else 0.0
+    prec = overlap / union if union > 0 else 0.0
+    f1 = 2 * cov * prec / (cov + prec) if cov + prec > 0 else 0.0
+    return f1, repeat
+
+
+def reference_reward(*, transcript: str, reference: str, clues: Sequence[Sequence[float]],
+                     duration: float | None, width: int | None,
+                     weights: RewardWeights = RewardWeights()) -> RewardParts:
+    """R = w_ans·answer + w_loc·F1 − w_rep·repeat by the reference's rule (see above); the
+    reference has no center-distance term (None)."""
+    a = reference_answer_reward(transcript, reference)
+    f1, rep = reference_terms(transcript, clues, duration, width)
+    total = weights.answer * a + weights.localisation * f1 - weights.repeat * rep
+    return RewardParts(answer=a, localisation=f1, repeat=rep, center_distance=None, total=total,
+                       rule="reference")
+
+
+# --------------------------------------------------------------------------- choosing the rule
+
+def merge_clues(rule: str, intervals: Iterable[Sequence[float]], gap: float = CLUE_GAP_S) -> list[Interval]:
+    """A QA item's clue intervals merged as `rule` merges them (gap in seconds)."""
+    if rule == "reference":
+        return reference_merge_clues(intervals, gap)
+    return merge_intervals(intervals, gap)
+
+
+def answer_only_reward(rule: str, *, answer: str | None, choice: str | None, options, reference: str,
+                       transcript: str = "", weights: RewardWeights = RewardWeights()) -> RewardParts:
+    """R = w_ans·answer for an item without clue intervals (nothing to localise): the
+    answer term of `rule` alone, as the reference scores its Video-MME split."""
+    a = (reference_answer_reward(transcript, reference) if rule == "reference"
+         else answer_reward(answer, choice, options, reference))
+    return RewardParts(answer=a, localisation=None, repeat=None, center_distance=None,
+                       total=weights.answer * a, rule=rule, answer_only=True)
+
+
+def rollout_reward(rule: str, rollout: dict, weights: RewardWeights = RewardWeights()) -> RewardParts:
+    """The reward of one rollout record (`train.rl`: answer, choice, options, reference, visits,
+    clues, duration, width, turn_texts, results, breaches) under `rule`."""
+    if rule not in REWARD_RULES:
+        raise ValueError(f"unknown reward rule {rule!r} (use one of {', '.join(REWARD_RULES)})")
+    clues = rollout.get("clues") or []
+    transcript = (rollout_transcript(rollout.get("turn_texts") or [], rollout.get("results") or [],
+                                     rollout.get("breaches") or []) if rule == "reference" else "")
+    if not clues:
+        return answer_only_reward(rule, answer=rollout.get("answer"), choice=rollout.get("choice"),
+                                  options=rollout.get("options"), reference=rollout.get("reference"),
+                                  transcript=transcript, weights=weights)
+    if rule == "reference":
+        return reference_reward(transcript=transcript, reference=rollout.get("reference"), clues=clues,
+                                duration=rollout.get("duration"), width=rollout.get("width"), weights=weights)
+    return composite_reward(answer=rollout.get("answer"), choice=rollout.get("choice"), options=rollout.get("options"),
+                            reference=rollout.get("reference"), visits=rollout.get("visits") or [], clues=clues,
+                            duration=rollout.get("duration"), weights=weights)

@@ -8,10 +8,13 @@ intervals). For every prompt the trainer asks for, `RolloutFunction` runs the
 (every sampled turn and, between them, the tool results), the sampling
 `logprobs`, and `env_mask` (1 on sampled tokens, 0 on tool results, corrections
 and template tokens), which TRL multiplies into the loss mask. The rollout's
-answer, visits and clues are forwarded to the reward function, which scores it
-with `train.rewards.composite_reward`:
+answer, visits, clues and text are forwarded to the reward function, which scores it
+with `train.rewards.rollout_reward` under the `--reward` rule (lvr's, or the reference's
+number for number):
 
     R = w_ans·answer + w_loc·F1 − w_rep·repeat (+ w_cd·center_distance)
+
+and, for an item without clue intervals, R = w_ans·answer alone.
 
 Defaults follow LongVideo-R1: group size 16, lr 1e-6, KL coefficient 1e-4 with
 the low-variance k3 estimator (TRL's KL term is exactly k3:
@@ -37,12 +40,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from .hints import CLUE_GAP_S, merge_intervals
-from .rewards import RewardWeights, composite_reward
+from .hints import CLUE_GAP_S
+from .rewards import REWARD_RULES, RewardWeights, merge_clues, rollout_reward
 from ..prep.options import option, override
 from .trainer_kit import (SAVE_PANEL, LossTypeSettings, TrainingRun, TrainingSettings, check_positive, curve_ends, log_curve, prepare,
                           progress_callbacks, run_record, save_trained, train, training_arguments, without_printer,
@@ -121,8 +124,20 @@ class RlSettings(TrainingSettings, LossTypeSettings):
     epochs: float = override(TrainingSettings, "epochs", 1.0)
     scheduler: str = override(TrainingSettings, "scheduler", "constant")
     warmup_ratio: float = override(TrainingSettings, "warmup_ratio", 0.0)
+    warmup_steps: int | None = option(None, "--warmup-steps", min=0, panel=GRPO_PANEL,
+                                      help="Warm the learning rate up over this many optimizer steps (instead of "
+                                           "--warmup-ratio).")
+    questions_per_step: int | None = option(None, "--questions-per-step", metavar="N", min=1, panel=GRPO_PANEL,
+                                            help="QA items per optimizer step, each with --num-generations "
+                                                 "rollouts: sets --grad-accum so that processes x --batch-size x "
+                                                 "--grad-accum = N x --num-generations, on any number of GPUs.")
     max_grad_norm: float = 1.0
     # reward
+    reward: str = option("lvr", "--reward", choices=REWARD_RULES, panel=REWARD_PANEL,
+                         help="lvr: the terms from the executed visits, overlap against their union; reference: "
+                              "LongVideo-R1's verl-tool reward exactly (overlap summed per visit, spans by equal "
+                              "time division, every get_caption call in the text, clues merged when at most "
+                              "--clue-gap apart). Items without clue intervals get the answer term alone either way.")
     w_answer: float = option(1.0, "--w-answer", panel=REWARD_PANEL, help="Weight of answer correctness.")
     w_localisation: float = option(1.0, "--w-localisation", panel=REWARD_PANEL,
                                    help="Weight of the localisation F1 of get_caption visits vs the clues.")
@@ -191,6 +206,27 @@ class RlSettings(TrainingSettings, LossTypeSettings):
             raise RlError("reward weights must not be negative (the repeat weight is subtracted)")
         if self.clue_gap < 0:
             raise RlError(f"--clue-gap must not be negative, not {self.clue_gap}")
+        if self.reward not in REWARD_RULES:
+            raise RlError(f"--reward must be one of {', '.join(REWARD_RULES)}, not {self.reward!r}")
+        if self.reward == "reference" and self.w_center_distance:
+            raise RlError("--reward reference has no center-distance term; leave --w-center-distance at 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise RlError(f"--warmup-steps must not be negative, not {self.warmup_steps}")
+        if self.questions_per_step is not None and self.questions_per_step < 1:
+            raise RlError(f"--questions-per-step must be positive, not {self.questions_per_step}")
+
+    def for_processes(self, world_size: int) -> "RlSettings":
+        """These settings with --grad-accum derived from --questions-per-step (when set) for `world_size`
+        processes; RlError when the rollouts of a step do not split evenly over them."""
+        if self.questions_per_step is None or self.questions_per_step < 1 or self.batch_size < 1:
+            return self  # check() names what is wrong
+        rollouts = self.questions_per_step * self.num_generations
+        per_micro_step = self.batch_size * world_size
+        if rollouts % per_micro_step:
+            raise RlError(f"--questions-per-step {self.questions_per_step} x --num-generations {self.num_generations} "
+                          f"= {rollouts} rollouts per step, which {world_size} process(es) x --batch-size "
+                          f"{self.batch_size} = {per_micro_step} per micro-step do not divide")
+        return replace(self, grad_accum=rollouts // per_micro_step)
 
     def batch_check(self, world_size: int) -> None:
         """The generation batch must hold whole groups."""
@@ -205,7 +241,7 @@ class RlSettings(TrainingSettings, LossTypeSettings):
 
 @dataclass
 class RlItem:
-    """A QA item ready for rollouts: its video file and merged clues."""
+    """A QA item ready for rollouts: its video file and merged clues (none: answer-only reward)."""
 
     key: str                  # the prompt TRL carries for it (the item's qid)
     item: Any                 # train.qa_items.QAItem
@@ -247,7 +283,7 @@ def load_rl_data(settings: RlSettings) -> RlData:
         except (EvalFormatError, OSError) as e:
             data.errors.append(f"{item.qid}: {e}")
             continue
-        data.items.append(RlItem(item.qid, item, video, merge_intervals(item.clues, settings.clue_gap)))
+        data.items.append(RlItem(item.qid, item, video, merge_clues(settings.reward, item.clues, settings.clue_gap)))
     if not data.items:
         first = f" (first problem: {data.errors[0]})" if data.errors else ""
         raise RlError(f"{name}: no usable QA items{first}")
@@ -406,11 +442,11 @@ class RolloutFunction:
         s = self.settings
         model = TokenRecordingModel(self.tokenizer, batcher, max_completion_tokens=s.max_completion_length)
         agent = AgentOptions(max_rounds=s.max_turns, max_invalid=s.max_invalid, max_tokens=s.max_tokens,
-                             temperature=s.temperature, top_p=s.top_p)
+                             temperature=s.temperature, top_p=s.top_p, protocol=navigator.profile.name)
         try:
             nodes = await navigator.tree(it.video)
             env = VideoEnv(nodes, navigator.captioner(s.subtitles and it.item.extra.get("subtitles", True)),
-                           navigator.video_qa())
+                           navigator.video_qa(), navigator.profile)
         except (VideoError, ValueError, ModelError) as e:
             result = AgentResult(it.item.question, it.item.options, stopped="error", error=str(e))
             return it, None, model, result
@@ -447,6 +483,7 @@ class RolloutFunction:
                 "visits": [v.to_record() for v in env.visits] if env else [],
                 "clues": [list(c) for c in it.clues],
                 "duration": env.duration if env else None,
+                "width": env.k if env else None,
                 "turns": len(result.turns),
                 "invalid_turns": sum(1 for t in result.turns if t.breach),
                 "tool_calls": len(env.visits) if env else 0,     # executed (rule-breaking calls are not)
@@ -475,8 +512,8 @@ class RolloutFunction:
         log("rollout/turn_batches", float(len(batcher.batches)))
 
 
-def make_reward_function(weights: RewardWeights):
-    """The TRL reward function: the composite reward of each rollout; each part logged as a metric."""
+def make_reward_function(weights: RewardWeights, rule: str = "lvr"):
+    """The TRL reward function: each rollout's reward under `rule`; each part it has logged as a metric."""
 
     def lvr_reward(prompts=None, completions=None, rollout=None, log_metric=None, **kwargs):
         rewards = []
@@ -485,14 +522,14 @@ def make_reward_function(weights: RewardWeights):
                 r["reward"] = None
                 rewards.append(None)  # unscorable: TRL gives it no advantage and leaves it out of the baseline
                 continue
-            parts = composite_reward(answer=r["answer"], choice=r["choice"], options=r["options"],
-                                     reference=r["reference"], visits=r["visits"], clues=r["clues"],
-                                     duration=r["duration"], weights=weights)
+            parts = rollout_reward(rule, r, weights)
             r["reward"] = parts.to_record()
             rewards.append(parts.total)
             if log_metric is not None:
                 for part in REWARD_PARTS:
-                    log_metric(f"rewards/{part}", float(getattr(parts, part)))
+                    if getattr(parts, part) is not None:  # an answer-only reward has no other parts
+                        log_metric(f"rewards/{part}", float(getattr(parts, part)))
+                log_metric("rewards/answer_only", 1.0 if parts.answer_only else 0.0)
         return rewards
 
     lvr_reward.__name__ = "lvr_reward"
@@ -626,6 +663,7 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
                   data: RlData | None = None) -> RlRun:
     """Check everything, load the tokenizer, and build the GRPO trainer (no training yet)."""
     settings.check()
+    settings = settings.for_processes(world_size())
     settings.batch_check(world_size())
     vllm_mode = resolve_vllm_mode(settings.vllm, cpu=settings.cpu)
     if vllm_mode == "colocate":
@@ -648,8 +686,11 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
                            vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
                            generation_kwargs={"stop": list(STOP_STRINGS), "include_stop_str_in_output": True,
                                               "max_tokens": settings.max_tokens})
+    arguments = training_arguments(settings, run.output, run.bf16)
+    if settings.warmup_steps is not None:
+        arguments["warmup_steps"] = settings.warmup_steps
     config = GRPOConfig(
-        **training_arguments(settings, run.output, run.bf16),
+        **arguments,
         max_grad_norm=settings.max_grad_norm,
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
@@ -674,8 +715,8 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
     train_dataset = datasets.Dataset.from_list([{"prompt": it.key} for it in data.items])
     trainer_cls = _trainer_class()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.16
-    trainer = trainer_cls(model=run.model, reward_funcs=[make_reward_function(settings.weights())], args=config,
-                          train_dataset=train_dataset, processing_class=tokenizer,
+    trainer = trainer_cls(model=run.model, reward_funcs=[make_reward_function(settings.weights(), settings.reward)],
+                          args=config, train_dataset=train_dataset, processing_class=tokenizer,
                           callbacks=progress_callbacks(log, TOOL, _step_details, marker="reward"),
                           lvr_rollouts=rollouts, lvr_settings=settings)
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -689,9 +730,10 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
 
 # -- training and saving ------------------------------------------------------------------------
 
-CURVE_KEYS = ("reward", "reward_std", *(f"rewards/{p}" for p in REWARD_PARTS), "rollout/turns",
-              "rollout/invalid_turn_share", "rollout/tool_calls", "rollout/answered", "rollout/truncated",
-              "rollout/errors", "kl", "kl_argument_tokens", "entropy", "completions/mean_length", "loss", "learning_rate")
+CURVE_KEYS = ("reward", "reward_std", *(f"rewards/{p}" for p in REWARD_PARTS), "rewards/answer_only",
+              "rollout/turns", "rollout/invalid_turn_share", "rollout/tool_calls", "rollout/answered",
+              "rollout/truncated", "rollout/errors", "kl", "kl_argument_tokens", "entropy", "completions/mean_length",
+              "loss", "learning_rate")
 
 
 def reward_curve(log_history: list[dict]) -> list[dict]:
@@ -701,15 +743,12 @@ def reward_curve(log_history: list[dict]) -> list[dict]:
 
 def run_rl(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], None] | None = None) -> dict:
     """Train, save the checkpoint (with its chat template) into settings.output, return the lvr_rl.json record."""
-    from ..infer.protocol import load_system_prompt
-    from ..prep.captioning import load_system_prompt as load_caption_prompt
-
     started = time.time()
     run = build_trainer(settings, nav, cache_dir, log=log)
-    trainer = run.trainer
+    trainer, settings = run.trainer, run.settings
     generation = "vLLM colocate" if trainer.use_vllm else "transformers"
     details = [f"group {settings.num_generations}", f"lr {settings.lr:g}", f"beta {settings.beta:g}",
-               f"max turns {settings.max_turns}", f"generation {generation}"]
+               f"max turns {settings.max_turns}", f"reward {settings.reward}", f"generation {generation}"]
     try:
         trained = train(run, log, TOOL, details, [f"skipped: {err}" for err in run.data.errors])
         save_trained(run)
@@ -719,8 +758,7 @@ def run_rl(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], N
             trainer._lvr_log_file.close()
     curve = reward_curve(trainer.state.log_history)
     first_reward, last_reward = curve_ends(curve, "reward")
-    navigator = nav.settings(load_system_prompt(nav.system_prompt_file), load_caption_prompt(nav.caption_prompt_file),
-                             settings.subtitles)
+    navigator = nav.settings(nav.prompts(), settings.subtitles)
     record = run_record(
         run, trained, schema=SCHEMA, tool=TOOL, started=started, head={"navigator": navigator},
         data={"path": run.data.path, "items": len(run.data.items), "skipped": run.data.errors},

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from ..infer.protocol import STOP_STRINGS, call_node_span
-from ..prep.models.base import Completion, GenerationOptions, Message, ModelError, Usage
+from ..prep.models.base import Completion, GenerationOptions, Message, ModelError, Usage, message_text
 from ..prep.tags import strip_think
 
 MASK_MODEL, MASK_ENV = 1, 0
@@ -359,7 +359,7 @@ class TokenRecordingModel:
 
     # The chat template, rendered to text (the same rendering `lvr ask --backend transformers` does).
     def render(self, messages: list[Message], generation_prompt: bool) -> str:
-        conversation = [{"role": m["role"], "content": _text(m.get("content"))} for m in messages]
+        conversation = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False,
                                                   add_generation_prompt=generation_prompt, **self.template_kwargs)
 
@@ -374,7 +374,7 @@ class TokenRecordingModel:
         """
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         head = self.render(messages[: last + 1], False)
-        content = _text(messages[last].get("content"))
+        content = message_text(messages[last].get("content"))
         pos, anchor = head.rfind(content), content
         action = strip_think(content)
         if pos < 0 and action != content:  # templates that re-format the reasoning keep the action verbatim
@@ -435,14 +435,6 @@ class TokenRecordingModel:
 
     async def aclose(self) -> None:
         pass
-
-
-def _text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
 def _eos_ids(tokenizer) -> set[int]:

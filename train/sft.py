@@ -5,13 +5,20 @@ keeps the `<think>` text of earlier turns (see `chat_template`). The defaults
 follow LongVideo-R1: lr 1e-5, cosine schedule, warmup 0.1, 3 epochs, bf16 where the
 GPU has it, sequences cut at 24k tokens.
 
-Data (JSONL, one sample per line; the first record decides the kind):
+Data (JSONL, one sample per line, or one JSON list; the first record decides the kind):
 
 - TRL messages: ``{"messages": [{"role": ..., "content": ...}, ...]}``;
 - TRL conversational prompt-completion: ``{"prompt": [...], "completion":
   [{"role": "assistant", ...}]}`` - the loss is on the completion only;
 - `lvr.trajectory/1` records from `lvr synthesize`: the `messages` of records
-  with ``accepted: true``; the others are skipped and counted.
+  with ``accepted: true``; the others are skipped and counted;
+- LLaMA-Factory SFT data, alpaca or sharegpt, as the LongVideo-R1 release ships
+  it (`released_data.sft_messages`): each sample's own system prompt is kept.
+
+The loss falls on every assistant turn of a conversation, or with
+``mask_history`` (``--mask-history``, LLaMA-Factory's option of that name, which
+the LongVideo-R1 recipe sets) on its last assistant turn only: the sample becomes
+a prompt-completion pair whose prompt is everything before that turn.
 
 The output folder is a plain Hugging Face checkpoint (weights, config, tokenizer,
 the fixed chat template as chat_template.jinja) plus `lvr_sft.json`, the settings
@@ -29,13 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
+from ..prep.models.base import message_text
 from ..prep.options import option
+from ..prep.records import BadLine, RecordFileError, RecordSkip, json_records, read_text
+from .released_data import SFT_LAYOUTS, sft_layout, sft_messages
 from .trainer_kit import (TRAIN_PANEL, TrainingRun, TrainingSettings, check_positive, curve_ends, last_checkpoint, log_curve,
                           lora_config, lora_layout, lora_target_modules, prepare, progress_callbacks, run_record,
                           save_trained, train, training_arguments, without_printer, write_record)
 
-__all__ = ["SftError", "SftSettings", "SftData", "SftRun", "load_sft_data", "training_records", "clean_messages",
-           "uniform_samples", "build_trainer", "run_sft", "summary_line", "last_checkpoint"]
+__all__ = ["SftError", "SftSettings", "SftDataOptions", "SftData", "SftRun", "load_sft_data", "training_records",
+           "clean_messages", "uniform_samples", "build_trainer", "run_sft", "summary_line", "last_checkpoint"]
 
 LORA_PANEL = "LoRA"
 SCHEMA = "lvr.sft/1"
@@ -69,6 +79,7 @@ class SftSettings(TrainingSettings):
     max_length: int = option(24576, "--max-length", panel=TRAIN_PANEL,
                              help="Cut each sample at this many tokens (LongVideo-R1: 24k); dpo leaves out a pair "
                                   "whose prompt alone reaches it (counted).")
+    mask_history: bool = False        # --mask-history comes from SftDataOptions (lvr sft only)
 
     def check(self) -> None:
         """error_type naming the first unusable setting."""
@@ -105,12 +116,24 @@ class SftSettings(TrainingSettings):
         return lora_layout(self.lora, self.merge_lora)
 
 
+@dataclass(kw_only=True)
+class SftDataOptions:
+    """How `lvr sft` puts the loss on its conversations (not `lvr dpo`'s: a pair trains one turn already)."""
+
+    mask_history: bool = option(False, "--mask-history/--no-mask-history", panel=TRAIN_PANEL,
+                                help="Train on each conversation's last assistant turn only, as LLaMA-Factory's "
+                                     "mask_history (the LongVideo-R1 SFT recipe); default: every assistant turn.")
+
+
 # -- data ---------------------------------------------------------------------------------
+
+LLAMAFACTORY_FORMATS = {layout: f"llamafactory-{layout}" for layout in SFT_LAYOUTS}
+
 
 @dataclass
 class SftData:
     path: str
-    format: str                       # "messages", "prompt-completion" or "trajectory"
+    format: str                       # "messages", "prompt-completion", "trajectory" or a LLAMAFACTORY_FORMATS value
     samples: list[dict] = field(default_factory=list)
     skipped: int = 0                  # trajectory records that were not accepted
     records: int = 0                  # records read
@@ -125,7 +148,7 @@ def _content_text(content: Any, where: str, error: type[Exception]) -> Any:
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return message_text(content)
     raise error(f"{where}: content must be text (a string, or a list of text parts)")
 
 
@@ -160,7 +183,8 @@ def _kind(record: dict) -> str:
         return "prompt-completion"
     if "messages" in record:
         return "messages"
-    return "unknown"
+    layout = sft_layout(record)
+    return LLAMAFACTORY_FORMATS[layout] if layout else "unknown"
 
 
 def uniform_samples(samples: list[dict]) -> list[dict]:
@@ -195,15 +219,61 @@ def training_records(path: "str | os.PathLike", kind: str, error: type[Exception
         raise error(f"{name}: no records (the {kind} file is empty)")
 
 
-def load_sft_data(path: "str | os.PathLike") -> SftData:
-    """Read and check the training samples; SftError names the file, line and problem."""
+def _starts_json_list(name: str) -> bool:
+    """Whether a file's first character past whitespace (and a byte-order mark) is '['."""
+    try:
+        with open(name, encoding="utf-8", errors="replace") as f:
+            while chunk := f.read(4096):
+                text = chunk.lstrip("\ufeff \t\r\n")
+                if text:
+                    return text[0] == "["
+    except OSError:
+        pass  # training_records names the problem
+    return False
+
+
+def _sft_records(path: "str | os.PathLike") -> Iterator[tuple[str, dict]]:
+    """`training_records`, and one JSON list too (LLaMA-Factory data files are; the release's is)."""
+    name = str(path)
+    if name == "-" or not _starts_json_list(name):
+        yield from training_records(path, "data", SftError)
+        return
+    try:
+        records = list(json_records(name, read_text(name)))
+    except RecordFileError as e:
+        raise SftError(str(e)) from None
+    if not records:
+        raise SftError(f"{name}: no records (the data file is empty)")
+    for lineno, rec in records:
+        if isinstance(rec, BadLine) or not isinstance(rec, dict):
+            raise SftError(f"{name}:{lineno}: not a JSON object")
+        yield f"{name}:{lineno}", rec
+
+
+def _last_turn_only(messages: list[dict], where: str) -> dict:
+    """mask_history: the conversation as a prompt-completion pair whose completion is its last turn."""
+    if messages[-1]["role"] != "assistant":
+        raise SftError(f"{where}: ends with a {messages[-1]['role']} message; --mask-history trains the last "
+                       "message, which must be the assistant's")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def load_sft_data(path: "str | os.PathLike", *, mask_history: bool = False) -> SftData:
+    """Read and check the training samples; SftError names the file, line and problem.
+
+    `mask_history`: each conversation trains its last assistant turn only (a prompt-completion sample).
+    """
     data = SftData(path=str(path), format="")
-    for where, rec in training_records(path, "data", SftError):
+
+    def add(messages: list[dict], where: str) -> None:
+        data.samples.append(_last_turn_only(messages, where) if mask_history else {"messages": messages})
+
+    for where, rec in _sft_records(path):
         data.records += 1
         kind = _kind(rec)
         if kind == "unknown":
-            raise SftError(f"{where}: not a training record (expected messages, prompt/completion, "
-                           "or an lvr.trajectory/1 record)")
+            raise SftError(f"{where}: not a training record (expected messages, prompt/completion, an "
+                           "lvr.trajectory/1 record, or a LLaMA-Factory alpaca or sharegpt sample)")
         family = "prompt-completion" if kind == "prompt-completion" else "messages"
         if data.format and family != ("prompt-completion" if data.format == "prompt-completion" else "messages"):
             raise SftError(f"{where}: a {kind} record in a file of {data.format} records "
@@ -218,9 +288,14 @@ def load_sft_data(path: "str | os.PathLike") -> SftData:
                 text = hint.get("text") if isinstance(hint, dict) else None
                 if isinstance(text, str) and text.strip() and any(text.strip() in m["content"] for m in messages):
                     raise SftError(f"{where}: hint text leaked into messages (hints must never reach SFT)")
-            data.samples.append({"messages": messages})
+            add(messages, where)
         elif kind == "messages":
-            data.samples.append({"messages": clean_messages(rec.get("messages"), f"{where}: messages")})
+            add(clean_messages(rec.get("messages"), f"{where}: messages"), where)
+        elif kind in LLAMAFACTORY_FORMATS.values():
+            try:
+                add(clean_messages(sft_messages(rec), where), where)
+            except RecordSkip as e:
+                raise SftError(f"{where}: {e}") from None
         else:
             prompt = clean_messages(rec.get("prompt"), f"{where}: prompt", need_assistant=False)
             completion = clean_messages(rec.get("completion"), f"{where}: completion")
@@ -252,7 +327,9 @@ def build_trainer(settings: SftSettings, data: SftData | None = None, *,
                   log: Callable[[str], None] | None = None) -> SftRun:
     """Check everything, load the tokenizer, fix its template, and build the SFTTrainer (no training yet)."""
     settings.check()
-    run = prepare(SftRun, settings, data if data is not None else load_sft_data(settings.data), data_arg="DATA")
+    if data is None:
+        data = load_sft_data(settings.data, mask_history=settings.mask_history)
+    run = prepare(SftRun, settings, data, data_arg="DATA")
     import datasets
     from trl import SFTConfig, SFTTrainer
 

@@ -23,7 +23,7 @@ from ..infer.progress import BatchProgress, time_spent
 from ..infer.protocol import answer_matches
 from ..prep.work_queue import run_jobs, unfinished
 from ..prep.jsonl import JsonlWriter
-from ..prep.models.base import Usage
+from ..prep.models.base import Usage, text_messages
 from ..prep.progress import Reporter
 from .hints import CLUE_GAP_S, MAX_HINTS, hint_for, merge_intervals
 from .lint import TRAJECTORY_SCHEMA
@@ -90,7 +90,7 @@ def trajectory_record(item: QAItem, asked: Asked, clues, options: SynthesizeOpti
         "clues": [list(c) for c in clues], "category": item.category,
         "accepted": correct, "correct": correct, "stopped": result.stopped,
         "attempts": sum(1 for t in result.turns if t.parsed.answer is not None),
-        "messages": result.clean_messages(),
+        "messages": text_messages(result.clean_messages()),
         "hints": hints, "dropped": dropped,
         "visits": [v.to_record() for v in env.visits],
         "teacher": result.reasoning.model, "prompt_hash": asked.settings["prompt_hash"],
@@ -113,7 +113,15 @@ class SynthesizeSummary:
 
 
 def load_items(qa_path: str, options: SynthesizeOptions) -> tuple[list[QAItem], list[str]]:
-    items, errors = load_qa_items(qa_path, options.format)
+    """The items to synthesize, and one error line per record or item that cannot be."""
+    loaded, errors = load_qa_items(qa_path, options.format)
+    items = []
+    for item in loaded:
+        if item.clues:
+            items.append(item)
+        else:   # the reviewer's hints are built from the clues: a clue-free item would get empty ones
+            errors.append(f"{qa_path}: item {item.qid}: no clues; synthesize needs at least one clue interval "
+                          f"for its hints (lvr rl scores such an item by its answer alone)")
     if options.max_items is not None:
         items = items[: options.max_items]
     return items, errors

@@ -53,8 +53,10 @@ class SamplingOptions:
                                    "option order in questions; data order and initialisation in training).")
     system_prompt: Path | None = option(None, "--system-prompt", metavar="FILE", panel=MODEL_PANEL,
                                         help="Replace the system prompt with this file's text. The navigator's is a "
-                                             "template ({K} is filled in); a released checkpoint answers best with "
-                                             "the prompt it was trained on.")
+                                             "template: the tree width replaces {K}, or {width} with --protocol "
+                                             "longvideo-r1 (which also fills {num_frame} and {num_words} in the "
+                                             "captioner's, and sends each file byte for byte); a "
+                                             "released checkpoint answers best with the prompt it was trained on.")
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -79,6 +79,21 @@ def image_part(jpeg: bytes) -> dict:
     return {"type": "image", "jpeg": jpeg}
 
 
+def message_text(content) -> str:
+    """A message's text as a text-only chat template sees it: text parts joined by newlines,
+    the way OpenAI-compatible servers (vLLM) hand a list of parts to such a template."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def text_messages(messages: list[Message]) -> list[Message]:
+    """The conversation with every content as one text (training data, lint): see `message_text`."""
+    return [{**m, "content": message_text(m.get("content"))} for m in messages]
+
+
 def count_images(messages: list[Message]) -> int:
     return sum(1 for m in messages if isinstance(m.get("content"), list)
                for p in m["content"] if p.get("type") == "image")

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .base import Completion, GenerationOptions, Message, ModelError, Usage
+from .base import Completion, GenerationOptions, Message, ModelError, Usage, message_text
 from .locate import config_takes_images, looks_like_path
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
@@ -236,7 +236,7 @@ class TransformersChat:
                     else:
                         raise ModelError(f"unsupported message part type {kind!r}")
                 if not vision:  # text-only templates expect a plain string
-                    parts = "".join(p["text"] for p in parts)
+                    parts = message_text(parts)
             role = message.get("role")
             if not isinstance(role, str):
                 raise ModelError(f"message without a role: {str(message)[:80]}")
