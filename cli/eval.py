@@ -20,8 +20,9 @@ SCORING = Group(EvalOptions, only=("scoring",), panel=DATA_PANEL, build=lambda v
 @takes(nav=NAVIGATOR, scoring=SCORING)
 def eval_command(
     questions: str = typer.Argument(..., metavar="QUESTIONS|-",
-                                    help="Questions with answers: native JSONL, LVBench, Video-MME or MLVU dev "
-                                         "(a file, an MLVU folder, or - for stdin)."),
+                                    help="Questions with answers: native JSONL, LVBench, Video-MME (JSONL, a "
+                                         "JSON list or parquet), MLVU dev, or the LongVideo-R1 flat evaluation "
+                                         "lists (a file, an MLVU folder, or - for stdin)."),
     output: Optional[Path] = OutputOption,
     summary: Optional[Path] = typer.Option(None, "--summary", metavar="FILE",
                                            help="Also write the summary record (JSON) here."),
@@ -66,6 +67,8 @@ def eval_command(
       lvr eval MLVU/json --format mlvu --video-dir MLVU/video --min-width 3 --config configs/vllm.yaml -o mlvu.jsonl
 
       lvr eval lvbench.jsonl --scoring reference --video-dir lvbench/videos --config configs/vllm.yaml -o lvbench.jsonl
+
+      lvr eval lvbench.json --captions lvbench/captions --video-dir lvbench/videos --base-url http://localhost:8000/v1 --model longvideor1 --qa-base-url http://localhost:8001/v1 --qa-model Qwen3-VL-32B -o lvbench.jsonl
     """
     from ..infer.benchmarks import EVAL_FORMATS, EvalFormatError
     from ..infer.evaluate import run_eval

@@ -10,6 +10,7 @@ reached, how they sample, the agent loop and the tree.
 from __future__ import annotations
 
 from ..infer.agent import AgentOptions
+from ..infer.navigator import CaptionFiles
 from ..prep.models import ConnectionOptions, RoleOptions, SamplingOptions
 from ..prep.tree import TreeOptions
 from .options import Bundle, Group
@@ -29,6 +30,7 @@ CAPTION_SAMPLING = Group(SamplingOptions, prefix="caption", only=("max_tokens", 
                          notes={"max_tokens": "Default: 600 for low nodes, 1200 for medium and high ones."})
 QA_SAMPLING = Group(SamplingOptions, prefix="qa", only=("max_tokens", "system_prompt"),
                     defaults={"max_tokens": 512}, panel=QA_PANEL)
+CAPTION_FILES = Group(CaptionFiles, panel=CAPTION_PANEL)
 AGENT = Group(AgentOptions)
 TREE = Group(TreeOptions)
 # `ask` answers about a fresh video while the user waits: keyframe sampling (see its help and
@@ -37,7 +39,7 @@ ASK_TREE = Group(TreeOptions, defaults={"frame_sampling": "keyframe"})
 
 
 def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling: SamplingOptions,
-                      caption: RoleOptions, caption_sampling: SamplingOptions, qa: RoleOptions,
+                      caption: RoleOptions, caption_sampling: SamplingOptions, files: CaptionFiles, qa: RoleOptions,
                       qa_sampling: SamplingOptions, agent: AgentOptions, tree: TreeOptions):
     """The navigator bundle's groups -> NavigatorOptions."""
     from dataclasses import replace
@@ -46,7 +48,7 @@ def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling
     from ..prep.captioning import CaptionOptions
     from ..prep.models import resolve_roles
 
-    roles = resolve_roles(connection.spec(main), caption, qa)
+    roles = resolve_roles(connection.spec(main), caption, qa, captions_from_files=files.captions is not None)
     limit = caption_sampling.max_tokens
     captioning = CaptionOptions(temperature=caption_sampling.temperature) if limit is None else \
         CaptionOptions(max_tokens_low=limit, max_tokens_high=limit, temperature=caption_sampling.temperature)
@@ -55,11 +57,11 @@ def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling
         agent=replace(agent, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed),
         tree=tree, captioning=captioning, system_prompt_file=sampling.system_prompt,
         caption_prompt_file=caption_sampling.system_prompt, qa_prompt_file=qa_sampling.system_prompt,
-        qa_max_tokens=qa_sampling.max_tokens)
+        qa_max_tokens=qa_sampling.max_tokens, captions_dir=files.captions)
 
 
-NAVIGATOR = Bundle((MAIN_ROLE, CONNECTION, NAVIGATOR_SAMPLING, CAPTION_ROLE, CAPTION_SAMPLING, QA_ROLE, QA_SAMPLING,
-                    AGENT, TREE), build=navigator_options)
+NAVIGATOR = Bundle((MAIN_ROLE, CONNECTION, NAVIGATOR_SAMPLING, CAPTION_ROLE, CAPTION_SAMPLING, CAPTION_FILES, QA_ROLE,
+                    QA_SAMPLING, AGENT, TREE), build=navigator_options)
 ASK_NAVIGATOR = Bundle(NAVIGATOR.groups[:-1] + (ASK_TREE,), build=navigator_options)
 
 
@@ -78,7 +80,7 @@ def rl_navigator_options(roles: tuple, *, model: str, max_turns: int, max_invali
     return navigator_options(
         RoleOptions(backend="transformers", model=model), connection,
         SamplingOptions(max_tokens=max_tokens, temperature=temperature, seed=seed, system_prompt=prompt.system_prompt),
-        caption, caption_sampling, qa, qa_sampling,
+        caption, caption_sampling, CaptionFiles(), qa, qa_sampling,
         AgentOptions(max_rounds=max_turns, max_invalid=max_invalid, protocol=protocol.protocol), tree)
 
 

@@ -20,7 +20,8 @@ DATA_PANEL = "QA items"
 @takes(aliases={"teacher_model": "model"}, nav=NAVIGATOR)
 def synthesize_command(
     qa: Optional[str] = typer.Argument(None, metavar="QA.jsonl|-",
-                                       help="QA items with clue intervals: native lvr.qa/1 JSONL or CG-Bench JSON."),
+                                       help="QA items with clue intervals: native lvr.qa/1 JSONL, CG-Bench JSON, or the "
+                                            "LongVideo-R1 RL rows; any of them may be parquet."),
     output: Optional[Path] = OutputOption,
     teacher_model: Optional[str] = typer.Option(None, "--teacher-model", hidden=True,
                                                 help="The old name of --model (the teacher)."),
@@ -42,7 +43,8 @@ def synthesize_command(
                                                      help="Teacher price per million completion tokens."),
     dry_run: bool = DryRunOption,
     lint: Optional[Path] = typer.Option(None, "--lint", metavar="FILE", rich_help_panel=MODES_PANEL,
-                                        help="Check the trajectories in FILE against the protocol rules."),
+                                        help="Check the trajectories in FILE (or the released LongVideo-R1 "
+                                             "SFT data, a JSON list) against the protocol rules."),
     export_sft: Optional[Path] = typer.Option(None, "--export-sft", metavar="FILE", rich_help_panel=MODES_PANEL,
                                               help="Turn the accepted trajectories in FILE into SFT data at -o."),
     sft_format: str = typer.Option("trl", "--sft-format", rich_help_panel=MODES_PANEL,
@@ -85,6 +87,8 @@ def synthesize_command(
       lvr synthesize qa.jsonl --config configs/vllm.yaml --token-budget 5000000 --max-items 500 -o trajectories.jsonl
 
       lvr synthesize --lint trajectories.jsonl
+
+      lvr synthesize --lint longvideor1-sft-qwen3-llamafactory.json
 
       lvr synthesize --export-sft trajectories.jsonl --per-turn -o sft.jsonl
 
@@ -151,18 +155,22 @@ def synthesize_command(
 
 
 def _lint(path: Path, quiet: bool) -> int:
-    from ..train.lint import lint_file
+    from ..train.lint import RELEASED_RULES, RULE_SETS, lint_file
 
     from ..infer.benchmarks import EvalFormatError
 
     try:
         report = lint_file(str(path))
     except (OSError, ValueError, EvalFormatError) as e:
-        raise fail_usage(f"{path}: {e}")
+        raise fail_usage(naming(path, str(e)))
     for line in report.lines():
         typer.echo(line)
     counts = ", ".join(f"{code} {n}" for code, n in sorted(report.counts().items())) or "no problems"
-    say(f"lvr synthesize --lint: {report.records} trajectories, {report.clean} clean; {counts}")
+    what = "released SFT samples" if report.rules == RELEASED_RULES else "trajectories"
+    say(f"lvr synthesize --lint: {report.records} {what}, {report.clean} clean; {counts}")
+    say(f"lvr synthesize --lint: rules: {RULE_SETS[report.rules]}")
+    if report.partial:
+        say(f"lvr synthesize --lint: {report.partial_note()}")
     return EXIT_SOME_FAILED if report.issues else EXIT_OK
 
 

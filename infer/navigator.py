@@ -22,14 +22,26 @@ from ..prep.frames import FrameStore
 from ..prep.cache import frames_dir
 from ..prep.models import ModelSpec
 from ..prep.models.base import ChatModel, ModelError
+from ..prep.options import option
 from ..prep.segment import SegmentOptions, keep_substitutes, load_or_plan
 from ..prep.tree import TreeOptions
 from .agent import AgentOptions, AgentResult, OnTurn, Review, run_agent
 from .environment import VideoEnv
-from .profiles import Prompts
+from .profiles import Profile, Prompts
 from .video_qa import VideoQA
 
 TRACE_SCHEMA = "lvr.trace/1"
+
+
+@dataclass(frozen=True)
+class CaptionFiles:
+    """Captions read from files instead of made by a captioner."""
+
+    captions: Path | None = option(
+        None, "--captions", metavar="DIR",
+        help="Take every caption from the LongVideo-R1 caption files in DIR (one <video stem>.json per video, as "
+             "released) instead of a captioner: no caption model is needed or contacted. A node or video the files "
+             "lack fails its question, named. video_qa still needs a vision model (--qa-model).")
 
 
 @dataclass(frozen=True)
@@ -37,8 +49,8 @@ class NavigatorOptions:
     """Everything that decides an answer; recorded with every result so a score can be reproduced."""
 
     reasoning: ModelSpec = field(default_factory=ModelSpec)
-    caption: ModelSpec = field(default_factory=ModelSpec)
-    qa: ModelSpec = field(default_factory=ModelSpec)
+    caption: ModelSpec | None = field(default_factory=ModelSpec)   # None with captions_dir
+    qa: ModelSpec | None = field(default_factory=ModelSpec)        # None: no video_qa model
     agent: AgentOptions = field(default_factory=AgentOptions)
     captioning: CaptionOptions = field(default_factory=CaptionOptions)
     tree: TreeOptions = field(default_factory=TreeOptions)
@@ -46,26 +58,38 @@ class NavigatorOptions:
     caption_prompt_file: Path | None = None
     qa_prompt_file: Path | None = None
     qa_max_tokens: int = 512
+    captions_dir: Path | None = None   # `--captions`: captions from these files, no captioner
 
     def __post_init__(self) -> None:
         # A profile whose prompts are not shipped fails here, naming the flags, before anything runs.
-        self.agent.profile.check_prompt_files(self.system_prompt_file, self.caption_prompt_file,
-                                              self.qa_prompt_file)
+        self._prompt_profile().check_prompt_files(self.system_prompt_file, self.caption_prompt_file,
+                                                  self.qa_prompt_file)
+
+    def _prompt_profile(self) -> Profile:
+        """The profile as far as prompt files go: a role with no model sends no prompt and needs no file."""
+        profile = self.agent.profile
+        if self.captions_dir is not None:
+            profile = replace(profile, caption_system_prompt=profile.caption_system_prompt or "")
+        if self.qa is None:
+            profile = replace(profile, qa_system_prompt=profile.qa_system_prompt or "")
+        return profile
 
     def prompts(self) -> Prompts:
         """The three system prompts, from the protocol profile or the user's files (ValueError, CaptionError)."""
-        return self.agent.profile.load_prompts(self.system_prompt_file, self.caption_prompt_file,
-                                               self.qa_prompt_file)
+        return self._prompt_profile().load_prompts(self.system_prompt_file, self.caption_prompt_file,
+                                                   self.qa_prompt_file)
 
-    def settings(self, prompts: Prompts, subtitles: bool) -> dict:
+    def settings(self, prompts: Prompts, subtitles: bool, captions: dict | None = None) -> dict:
+        """`captions`: where the captions came from when they were read from files (`ReleasedCaptioner.record`)."""
         profile = self.agent.profile
         return {
             "lvr": __version__,
-            "models": {"reasoning": self.reasoning.to_record(), "caption": self.caption.to_record(),
-                       "qa": self.qa.to_record()},
+            "models": {role: spec.to_record() if spec is not None else None
+                       for role, spec in (("reasoning", self.reasoning), ("caption", self.caption), ("qa", self.qa))},
             "protocol": profile.name,
             "prompt_hash": profile.prompt_hash(prompts.system),
-            "caption_prompt_hash": profile.caption_prompt_hash(prompts.caption),
+            "caption_prompt_hash": captions["prompt_hash"] if captions else profile.caption_prompt_hash(prompts.caption),
+            "captions": captions,
             "qa_prompt_hash": profile.qa_prompt_hash(prompts.qa),
             "max_rounds": self.agent.max_rounds, "max_invalid": self.agent.max_invalid,
             "max_tokens": self.agent.max_tokens, "temperature": self.agent.temperature,
@@ -145,6 +169,11 @@ class Navigator:
         self._trees: dict[str, list[dict]] = {}
         self._tree_locks: dict[str, asyncio.Lock] = {}
         self.segment_options = SegmentOptions(tree=options.tree, qa_frames=True)
+        self.released = None   # --captions: the one captioner, reading the files
+        if options.captions_dir is not None:
+            from ..prep.longvideo_r1 import ReleasedCaptioner
+
+            self.released = ReleasedCaptioner(options.captions_dir, self.store, self.frames)
 
     # -- models -------------------------------------------------------------------------
 
@@ -163,7 +192,7 @@ class Navigator:
         roles = Roles(self.options.reasoning, self.options.caption, self.options.qa)
         await asyncio.to_thread(check_roles, roles)
         seen = set()
-        for _, spec in roles.items():
+        for _, spec in roles.items():   # a role with no model (--captions) is never contacted
             model = self.model(spec)
             if isinstance(model, OpenAIChat) and id(model) not in seen:
                 seen.add(id(model))
@@ -172,7 +201,7 @@ class Navigator:
         # one tiny image finds out before it is sent 128 (which can jam the server).
         for role in ("caption", "qa"):
             spec = getattr(roles, role)
-            if roles.owner(role) == "reasoning" and isinstance(self.model(spec), OpenAIChat):
+            if spec is not None and roles.owner(role) == "reasoning" and isinstance(self.model(spec), OpenAIChat):
                 await self._check_takes_images(roles, role)
                 break
 
@@ -189,6 +218,8 @@ class Navigator:
                 raise ModelError(text_only_message(roles, role, f"its server refuses an image ({e})")) from None
 
     def captioner(self, subtitles: bool) -> Captioner:
+        if self.released is not None:   # the files' text, whatever the subtitles
+            return self.released
         if subtitles not in self._captioners:
             opts = replace(self.options.captioning, use_subtitles=subtitles)
             self._captioners[subtitles] = Captioner(self.model(self.options.caption), self.store, self.frames,
@@ -196,7 +227,10 @@ class Navigator:
         return self._captioners[subtitles]
 
     def video_qa(self) -> VideoQA:
-        return VideoQA(self.model(self.options.qa), self.frames, max_tokens=self.options.qa_max_tokens,
+        from ..prep.models import NO_QA_MODEL, NoModel
+
+        model = self.model(self.options.qa) if self.options.qa is not None else NoModel("none", NO_QA_MODEL)
+        return VideoQA(model, self.frames, max_tokens=self.options.qa_max_tokens,
                        system_prompt=self.prompts.qa, profile=self.profile)
 
     # -- trees ----------------------------------------------------------------------------
@@ -210,20 +244,25 @@ class Navigator:
         return nodes
 
     async def _timed_tree(self, video) -> tuple[list[dict], float]:
-        """The node records and the seconds this call spent loading or segmenting them."""
+        """The node records and the seconds this call spent loading or segmenting them.
+
+        With --captions the video's caption file is imported here too (ValueError naming it)."""
         key = os.path.realpath(video)
         lock = self._tree_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if key in self._trees:
                 return self._trees[key], 0.0
             started = time.perf_counter()
-            self._trees[key] = await asyncio.to_thread(load_or_plan, video, self.segment_options, self.cache_dir)
-            return self._trees[key], time.perf_counter() - started
+            nodes = await asyncio.to_thread(load_or_plan, video, self.segment_options, self.cache_dir)
+            if self.released is not None:
+                await asyncio.to_thread(self.released.load, nodes, video)
+            self._trees[key] = nodes
+            return nodes, time.perf_counter() - started
 
     # -- questions ------------------------------------------------------------------------
 
     def settings(self, subtitles: bool) -> dict:
-        return self.options.settings(self.prompts, subtitles)
+        return self.options.settings(self.prompts, subtitles, self.released.record() if self.released else None)
 
     async def ask(self, video: "str | os.PathLike", question: str, options: tuple[str, ...] = (),
                   *, subtitles: bool = True, nodes: list[dict] | None = None,

@@ -30,6 +30,8 @@ part of the prompt hashes, so results and captions of two profiles never mix.
 from __future__ import annotations
 
 import hashlib
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,17 @@ def format_id(node_id) -> str:
 
 def format_span(start: float, end: float) -> str:
     return f"{format_time(start)}-{format_time(end)}"
+
+
+def _template_pattern(template: str) -> "re.Pattern[str]":
+    """A str.format template as a regex: its literal text as written, {index} a number, any other
+    field any text within a line."""
+    parts = []
+    for literal, name, _spec, _conversion in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if name is not None:
+            parts.append(r"\d+" if name == "index" else ".*?")
+    return re.compile("".join(parts))
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,11 @@ class Profile:
                                                    span=self._span_text(start, end), start=self.time(start),
                                                    end=self.time(end), caption=self.shown_caption(caption)))
         return [text_part(b) for b in blocks] if self.parts else self.separator.join(blocks)
+
+    def high_caption_count(self, text: str) -> int:
+        """How many high-level captions a first user turn in this layout holds (the tree width K),
+        found with `high_caption` itself, so the layout is written in one place."""
+        return len(_template_pattern(self.high_caption).findall(text))
 
     def tool_result(self, tool: str, node_id, start: float, end: float, text: str,
                     query: str | None = None) -> str:

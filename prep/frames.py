@@ -452,12 +452,13 @@ class DecodableFrames:
 
 def extract_frames_at(info: VideoInfo, requests: Iterable[FrameRequest], store: FrameStore, *,
                       quality: int = JPEG_QUALITY, replace: bool = False,
-                      on_progress: Callable[[int], None] | None = None) -> ExtractStats:
+                      on_progress: Callable[[int], None] | None = None, workers: int | None = None) -> ExtractStats:
     """Store a few frames by seeking to each (for substitutes and repairs), not by a whole pass.
 
     Frames close together share one span of decoding. `replace` remakes frames
     already stored (a damaged file is overwritten atomically). Frames that do
-    not come out whole are listed in `missing`; `on_progress` as in `extract_frames`.
+    not come out whole are listed in `missing`; `on_progress` as in `extract_frames`. Spans are
+    decoded by up to `workers` parallel decoders (default: one per core).
     """
     stats = ExtractStats()
     want = _plan(info, requests, store, stats, replace)
@@ -467,7 +468,7 @@ def extract_frames_at(info: VideoInfo, requests: Iterable[FrameRequest], store: 
     spans = _spans(sorted(want), keyframes)
     wanted_pts = {int(info.frame_pts[i]) for i in want}
     writer = _JpegWriter(info, want, store, quality, None, on_progress)
-    _store_wanted(_decode_spans(info, spans, wanted_pts, set(keyframes), stats), want, writer, stats)
+    _store_wanted(_decode_spans(info, spans, wanted_pts, set(keyframes), stats, workers), want, writer, stats)
     return stats
 
 

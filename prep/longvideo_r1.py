@@ -1,4 +1,5 @@
-"""Import and export of the LongVideo-R1 release caption JSON (one file per video).
+"""Import and export of the LongVideo-R1 release caption JSON (one file per video), and
+`ReleasedCaptioner`, which serves a folder of them in place of a captioner (`--captions DIR`).
 
 The layout follows the reference code, read from the public repository
 ``qiujihao19/LongVideo-R1``: ``data/videocaption_generation.py`` writes the
@@ -48,6 +49,7 @@ plain file name, so nothing is ever written outside ``out_dir``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -59,7 +61,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .caption_store import CaptionKey, CaptionStore
-from .captioning import CAPTION_SCHEMA
+from .captioning import CAPTION_SCHEMA, CaptionError, CaptionOptions, CaptionResult, Captioner, node_label
+from .frames import FrameStore
+from .models import NoModel
 from .tags import CAPTION, caption_text, wrap
 
 LEVEL_NAMES = ("high", "medium", "low")
@@ -579,3 +583,92 @@ def captions_to_records(node_records: Iterable[dict], store: CaptionStore, *, mo
         batch.append(node)
     if batch:
         yield from flush(batch)
+
+
+# -- a caption folder in place of a captioner (`--captions DIR`) --------------
+
+RELEASED_CAPTIONS_MODEL = "longvideo-r1-captions"   # the captioner's name in keys and records
+
+
+def folder_digest(files: Iterable[Path]) -> str:
+    """sha256 over the files' names and contents, in name order: what a run's captions were."""
+    h = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        h.update(path.name.encode("utf-8") + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def caption_file_names(video_name: str) -> list[str]:
+    """The caption file names a video may have: `<stem>.json`, then the reference's own
+    `<name up to the first dot>.json` (data/videocaption_generation.py) when that differs."""
+    names = [json_name(video_name)]
+    first = safe_video_name(video_name).split(".")[0]
+    if first and f"{first}.json" not in names:
+        names.append(f"{first}.json")
+    return names
+
+
+def released_frame_settings(file_name: str) -> str:
+    """The frame settings part of a released caption's key: the file's text, whatever frames lvr
+    would sample; named after the file, so two copies of one video keep their own files' captions."""
+    return CaptionKey.settings(source="longvideo-r1", file=file_name)
+
+
+class ReleasedCaptioner(Captioner):
+    """Captions from a folder of LongVideo-R1 caption files, one `<video stem>.json` per video: no model.
+
+    `load(nodes, video)` imports a video's file into the caption store when its tree loads
+    (`import_longvideo_r1`), keyed by this folder's content hash, so a changed folder is never
+    read through old entries; `get_or_make` then answers from the store, and a node the file has
+    no caption for is a CaptionError naming the node and the file.
+    """
+
+    def __init__(self, folder: "str | os.PathLike", store: CaptionStore, frames: FrameStore):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ValueError(f"--captions {self.folder}: not a folder")
+        files = list(self.folder.glob("*.json"))
+        if not files:
+            raise ValueError(f"--captions {self.folder}: no caption files (*.json) in it")
+        try:
+            self.digest = folder_digest(files)
+        except OSError as e:
+            raise ValueError(f"--captions {self.folder}: cannot read {e.filename} ({e.strerror})") from None
+        super().__init__(NoModel(RELEASED_CAPTIONS_MODEL, "captions come from files"), store, frames,
+                         CaptionOptions(use_subtitles=False), system_prompt="")
+        self.prompt_hash = f"imported:{self.digest[:16]}"
+        self._files: dict[str, Path] = {}   # a node record's path -> the caption file read for that video
+
+    def record(self) -> dict:
+        """Where the captions came from, for the recorded settings."""
+        return {"source": "longvideo-r1", "dir": str(self.folder), "sha256": self.digest,
+                "model": self.model.name, "prompt_hash": self.prompt_hash}
+
+    def key_for(self, node: dict) -> CaptionKey:
+        file = self._files.get(str(node.get("path")))
+        return CaptionKey(node["video_id"], node["level"], node["start"], node["end"], self.model.name,
+                          self.prompt_hash, released_frame_settings(file.name if file else ""))
+
+    def load(self, nodes: list[dict], video: "str | os.PathLike") -> None:
+        """Import the video's caption file (once). ValueError naming the file expected, or what is wrong in it."""
+        where = str(nodes[0].get("path"))
+        if where in self._files:
+            return
+        candidates = [self.folder / name for name in caption_file_names(Path(video).name)]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise ValueError(f"{video}: no caption file for it in --captions {self.folder} (expected {candidates[0]})")
+        summary = import_longvideo_r1([path], nodes, self.store, model=self.model.name, prompt_hash=self.prompt_hash,
+                                      frame_settings=lambda node: released_frame_settings(path.name))
+        if summary.errors or not summary.videos_matched:
+            raise ValueError("; ".join(summary.errors) or f"{path}: names no node of {video}")
+        self._files[where] = path
+
+    async def get_or_make(self, node: dict) -> CaptionResult:
+        result = self.cached(node)
+        if result is None:
+            file = self._files.get(str(node.get("path")))
+            what = f"no caption for it in {file}" if file else f"its video's caption file in {self.folder} was not read"
+            raise CaptionError(f"{node_label(node, 'caption')}: {what} "
+                               f"(segment_id {segment_id(node['id'], node['K'])} of the {node['level']} list)")
+        return result

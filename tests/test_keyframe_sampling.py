@@ -14,9 +14,10 @@ from lvr.infer.navigator import AskCallbacks, Navigator, NavigatorOptions
 from lvr.prep.caption_store import CaptionStore
 from lvr.prep.captioning import Captioner
 from lvr.prep.frame_repair import read_node_frames
-from lvr.prep.frames import FrameStore, parse_frame_key
+from lvr.prep.frames import FrameRequest, FrameStore, extract_frames, extract_frames_at, parse_frame_key
 from lvr.prep.keyframe_snap import snap_to_keyframes, tolerance_for
 from lvr.prep.models import ModelSpec
+from lvr.prep.probe import probe_video
 from lvr.prep.segment import SegmentOptions, plan_video, segment_video
 from lvr.prep.tree import Level, Tree, TreeOptions
 from lvr_test_helpers import load_jsonl, model_flags, run_lvr, scripted
@@ -214,3 +215,22 @@ def test_first_high_node_is_captioned_before_the_last_is_decoded(gop_video, tmp_
     assert asked.error is None and asked.result.answer is not None
     k = plan[0]["K"]
     assert len(seen) >= k and seen[0] < k   # the first caption request came before the last node was in
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_span_decoding_stores_the_bytes_of_one_pass(gop_video, tmp_path, workers):
+    """Keyframes alone, frames deep in a group of pictures (B-frames skipped around them) and runs of
+    neighbours, spread over the video so several workers share them: the bytes one full pass stores."""
+    info = probe_video(gop_video)
+    keyframes = info.keyframe_indices
+    wanted = sorted({*keyframes[::2], *(k + 13 for k in keyframes[1::3]), *range(200, 212), info.n_frames - 1})
+    requests = [FrameRequest(i, 128) for i in wanted]
+    one_pass, spans = FrameStore(tmp_path / "pass"), FrameStore(tmp_path / f"spans{workers}")
+    assert not extract_frames(info, requests, one_pass).missing
+    stats = extract_frames_at(info, requests, spans, workers=workers)
+    assert stats.written == len(wanted) and not stats.missing
+    for i in wanted:
+        key = f"{info.video_id}/128/{i:08d}.jpg"
+        assert spans.get(key) == one_pass.get(key), i
+        assert read_frame_number(spans.image(key)) == i
+    assert stats.frames_decoded < info.n_frames   # seeking, and skipping, decoded less than everything

@@ -1,4 +1,5 @@
-"""`lvr synthesize --lint`: every planted rule breach is found, with its line number and counts."""
+"""`lvr synthesize --lint`: every planted rule breach is found, with its line number and counts, in
+trajectories and in the released LongVideo-R1 SFT data (built with test_released_data's fixture builders)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from lvr_test_helpers import run_lvr
+from test_released_data import SYSTEM_K5, alpaca_samples, first_turn, sharegpt_sample, write_json_list
+
 from lvr.infer.benchmarks import EvalFormatError
 from lvr.infer.profiles import LONGVIDEO_R1, LONGVIDEO_R1_PROFILE
 from lvr.infer.protocol import (DEFAULT_SYSTEM_PROMPT, Breach, first_user_message, system_prompt,
                                 tool_result_message)
 from lvr.prep.models.base import text_messages
-from lvr.train.lint import HINT_PREFIX, LintFileError, LintReport, lint_file, lint_records, lint_trajectory
+from lvr.train.lint import (HINT_PREFIX, LintFileError, LintReport, lint_file, lint_records, lint_released_sample,
+                            lint_trajectory)
 
 K = 4
 DURATION = 400.0
@@ -282,3 +287,112 @@ def test_stdin_and_unreadable(tmp_path):
 def test_hint_marker_is_the_one_hints_use():
     from lvr.train import hints
     assert hints.HINT_PREFIX == HINT_PREFIX
+
+
+# -- the released LongVideo-R1 SFT data -------------------------------------------------------------
+
+SYSTEM = "Navigate a caption tree of width 4."
+
+
+def released(question, *, turns, k=4):
+    """A sharegpt sample in the release's layout: the first turn, then (assistant turn, tool result)
+    pairs; a pair whose result is None ends the sample (a fragment may end on a tool call)."""
+    conversations = [{"from": "human", "value": first_turn(question, k)}]
+    for text, result in turns:
+        conversations.append({"from": "gpt", "value": text})
+        if result is not None:
+            conversations.append({"from": "human", "value": result})
+    return {"system": SYSTEM, "conversations": conversations}
+
+
+def qa_result(text):
+    return LONGVIDEO_R1_PROFILE.tool_result("video_qa", (2, 3, 1), 5.0, 5.3, text, "What is held?")
+
+
+CAPTION_MEDIUM = LONGVIDEO_R1_PROFILE.tool_result("get_caption", (2, 3), 5.0, 6.0, "A hand.")
+CAPTION_LOW = LONGVIDEO_R1_PROFILE.tool_result("get_caption", (2, 3, 1), 5.0, 5.3, "A key.")
+VERIFIED = [("<think>Clip 2.</think><tool>get_caption((2, 3))</tool>", CAPTION_MEDIUM),
+            ("<think>Closer.</think><tool>get_caption((2, 3, 1))</tool>", CAPTION_LOW),
+            ('<think>Check.</think><tool>video_qa((2, 3, 1), "What is held?")</tool>', qa_result("A key.")),
+            ("<think>A key.</think><answer>B</answer>", None)]
+
+
+def test_released_sft_file_lints_clean_end_to_end(tmp_path):
+    """Both LLaMA-Factory layouts, per-turn fragments ending on tool calls, a video_qa after its
+    leaf's caption, and a K=5 sample whose ids go up to 5: all clean through `lvr synthesize --lint`."""
+    path = write_json_list(tmp_path / "longvideor1-sft-qwen3-llamafactory.json", [
+        *alpaca_samples("q1"),                                        # lines 2-4; the first two end on a tool call
+        sharegpt_sample("q2", SYSTEM_K5, k=5),                        # line 5
+        released("q3", turns=VERIFIED),                               # line 6
+        released("q4", k=5, turns=[("<think>Last.</think><tool>get_caption((5, 5, 5))</tool>", None)]),  # line 7
+    ])
+    report = lint_file(path)
+    assert (report.rules, report.records, report.clean, report.issues, report.partial) == (
+        "released-sft", 6, 6, [], 0)
+    proc = run_lvr("synthesize", "--lint", path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert "lvr synthesize --lint: 6 released SFT samples, 6 clean; no problems" in proc.stderr
+    assert "rules: released LongVideo-R1 SFT samples" in proc.stderr
+    assert "answer and qid rules are skipped" in proc.stderr
+
+
+def test_released_samples_with_problems_are_named_by_file_line_and_index(tmp_path):
+    bad_call = released("q2", turns=[("<think>Clip 2.</think><tool>get_caption((2 3))</tool>", None)])
+    path = write_json_list(tmp_path / "sft.json", [*alpaca_samples("q1"), bad_call, [1, 2], {"instruction": "q"}])
+    proc = run_lvr("synthesize", "--lint", path)
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(f"{path}:5: sample[3] turn 1: malformed_call: The tool call get_caption((2 3))")
+    assert lines[1] == f"{path}:6: sample[4]: not_json: not a JSON object"
+    assert lines[2].startswith(f"{path}:7: sample[5]: bad_record: not a LLaMA-Factory SFT sample")
+    assert "lvr synthesize --lint: 6 released SFT samples, 3 clean; bad_record 1, malformed_call 1, not_json 1" \
+        in proc.stderr
+
+
+def at(sample: dict, n: int, text: str) -> dict:
+    """The sample with its n-th gpt turn (1-based) replaced."""
+    conversations = [dict(t) for t in sample["conversations"]]
+    gpt = [i for i, t in enumerate(conversations) if t["from"] == "gpt"]
+    conversations[gpt[n - 1]]["value"] = text
+    return {**sample, "conversations": conversations}
+
+
+@pytest.mark.parametrize("sample, code, turn", [
+    # K is the number of high-level captions of the sample's first turn: 4 here, so 5 is out of range.
+    (released("q", turns=[("<think>Far.</think><tool>get_caption((5, 1))</tool>", None)]), Breach.OUT_OF_RANGE, 1),
+    (at(released("q", turns=VERIFIED), 2, "<think>Sibling.</think><tool>get_caption((2, 3, 2))</tool>"),
+     Breach.QA_BEFORE_CAPTION, 3),
+    (at(released("q", turns=VERIFIED), 1, "<think>Guess.</think><answer>A</answer>"), "answer_before_end", 1),
+    (at(released("q", turns=VERIFIED), 4, "<think>Done.</think>"), Breach.NO_ACTION, 4),
+    (at(released("q", turns=VERIFIED), 1, f"<think>{HINT}</think><tool>get_caption((2, 3))</tool>"), "hint_leak", 1),
+    ({"system": SYSTEM, "conversations": [{"from": "gpt", "value": "<think>x</think><answer>B</answer>"}]},
+     "bad_record", None),
+], ids=["out-of-range", "qa-before-caption", "answer-before-end", "no-action", "hint", "roles"])
+def test_each_turn_rule_applies_to_released_samples(sample, code, turn):
+    issues, _ = lint_released_sample(sample, 9, 3)
+    assert code in codes(issues)
+    hit = next(i for i in issues if i.code == code)
+    assert (hit.line, hit.sample, hit.qid, hit.turn) == (9, 3, None, turn) and hit.detail
+
+
+def test_a_released_sample_without_the_first_turn_is_linted_as_a_fragment(tmp_path):
+    """No high-level captions: K is unknown and the earlier captions unseen, so neither the id range
+    nor the video_qa order can be judged; the report counts such samples."""
+    mid = {"system": SYSTEM, "instruction": CAPTION_LOW, "input": "",
+           "output": '<think>Check.</think><tool>video_qa((9, 3, 1), "What is held?")</tool>'}
+    report = lint_file(write_json_list(tmp_path / "sft.json", [mid]))
+    assert (report.issues, report.clean, report.partial) == ([], 1, 1)
+    assert "1 sample(s) start mid-episode" in report.summary()
+
+
+def test_a_json_list_that_is_not_sft_data_is_refused_whole(tmp_path):
+    path = write_json_list(tmp_path / "rows.json", [{"question": "q"}, 3])
+    with pytest.raises(LintFileError, match="no LLaMA-Factory SFT sample"):
+        lint_file(path)
+    (tmp_path / "cut.json").write_text('[\n{"conversations": []},\n{"instruction": ', encoding="utf-8")
+    with pytest.raises(LintFileError, match=r"cut\.json:3: not JSON"):
+        lint_file(tmp_path / "cut.json")
+    proc = run_lvr("synthesize", "--lint", path)
+    assert proc.returncode == 2 and proc.stderr.count(str(path)) == 1

@@ -451,3 +451,132 @@ def test_released_captions_feed_eval_with_no_caption_request(numbered_video, tmp
     trace = json.loads((tmp_path / "traces.jsonl").read_text().splitlines()[0])
     captions = {tuple(n["id"]): n["caption"] for n in trace["tree"] if n["caption"]}
     assert captions[(2, 3)] == "Released caption of medium clip (2, 3)."
+
+
+# -- eval --captions: the caption trees in place of a captioner -------------------------------------
+
+def navigator_with_qa(body: dict) -> str:
+    """Medium, then low caption, then video_qa on that leaf, then the answer."""
+    turns = sum(1 for m in body["messages"] if m["role"] == "assistant")
+    script = ["<think>Clip 2 first.</think><tool>get_caption((2, 3))</tool>",
+              "<think>Closer.</think><tool>get_caption((2, 3, 1))</tool>",
+              '<think>Look.</think><tool>video_qa((2, 3, 1), "Which number is shown?")</tool>']
+    return script[turns] if turns < len(script) else "<think>Seen it.</think><answer>A</answer>"
+
+
+@pytest.fixture(scope="module")
+def released(numbered_video, tmp_path_factory) -> dict:
+    """Videos (numbers.mp4, and copies gappy.mp4 and nofile.mp4 of it), a caption folder with a whole
+    tree for numbers and one lacking medium node (2, 3) for gappy (none for nofile), and a flat
+    LVBench file asking two questions about each."""
+    root = tmp_path_factory.mktemp("released-captions")
+    videos, captions = root / "videos", root / "captions"
+    videos.mkdir()
+    captions.mkdir()
+    for name in ("numbers", "gappy", "nofile"):
+        shutil.copy(numbered_video, videos / f"{name}.mp4")
+    nodes_file = root / "nodes.jsonl"
+    assert run_lvr("segment", videos / "numbers.mp4", "-o", nodes_file, "--cache-dir", root / "seg-cache",
+                   "-q").returncode == 0
+    nodes = [json.loads(x) for x in nodes_file.read_text().splitlines()]
+    (captions / "numbers.json").write_text(json.dumps(caption_tree(nodes, "numbers.mp4")))
+    gappy = caption_tree(nodes, "gappy.mp4")
+    gappy["captions"][1] = [e for e in gappy["captions"][1] if e["segment_id"] != 7]   # (2, 3) with K = 4
+    (captions / "gappy.json").write_text(json.dumps(gappy))
+
+    def flat(*names: str) -> Path:
+        entries = [{"key": name, "uid": f"{name}-{n}", "question": f"Q{n}: which?\n(A) odd\n(B) even", "answer": "A"}
+                   for name in names for n in (1, 2)]
+        return write_json_list(root / f"{'-'.join(names)}.json", entries)
+
+    return {"root": root, "videos": videos, "captions": captions, "flat": flat}
+
+
+def eval_with_captions(released: dict, questions: Path, out: Path, reply, *extra) -> tuple:
+    """`lvr eval --captions` against a server that serves the navigator alone (any other model: 404)."""
+    with FakeOpenAI(reply, models=("navigator",), strict_models=True) as server:
+        proc = run_lvr("eval", questions, "--video-dir", released["videos"], "--captions", released["captions"],
+                       "--base-url", server.url, "--model", "navigator", "--cache-dir", out.parent / "cache",
+                       "-o", out, "--traces", out.with_suffix(".traces.jsonl"), *extra, "-q")
+    return proc, server.requests
+
+
+def test_eval_takes_every_caption_from_the_folder_with_no_captioner(released, tmp_path):
+    from lvr.prep.longvideo_r1 import folder_digest
+
+    out = tmp_path / "results.jsonl"
+    proc, requests = eval_with_captions(released, released["flat"]("numbers"), out, navigator)
+    assert proc.returncode == 0, proc.stderr
+    assert requests and {r["model"] for r in requests} == {"navigator"}
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["qid"] for r in records) == ["numbers-1", "numbers-2"] and all(r["correct"] for r in records)
+    digest = folder_digest(released["captions"].glob("*.json"))
+    for r in records:
+        assert r["accounting"]["caption_calls"] == {**r["accounting"]["caption_calls"], "made": 0, "total": 5}
+        settings = r["settings"]
+        assert settings["captions"] == {"source": "longvideo-r1", "dir": str(released["captions"]),
+                                        "sha256": digest, "model": "longvideo-r1-captions",
+                                        "prompt_hash": f"imported:{digest[:16]}"}
+        assert settings["caption_prompt_hash"] == f"imported:{digest[:16]}"
+        assert settings["models"]["caption"] is None and settings["models"]["qa"] is None
+    trace = json.loads(out.with_suffix(".traces.jsonl").read_text().splitlines()[0])
+    captions = {tuple(n["id"]): n["caption"] for n in trace["tree"] if n["caption"]}
+    assert captions[(2, 3)] == "Released caption of medium clip (2, 3)."
+    assert captions[(1,)] == "Released caption of high clip (1,)."
+
+
+def test_a_missing_node_or_file_fails_its_question_named(released, tmp_path):
+    out = tmp_path / "results.jsonl"
+    proc, requests = eval_with_captions(released, released["flat"]("numbers", "gappy", "nofile"), out, navigator)
+    assert proc.returncode == 1
+    assert {r["model"] for r in requests} == {"navigator"}
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["qid"] for r in records) == ["numbers-1", "numbers-2"]   # the batch went on
+    captions = released["captions"]
+    for n in (1, 2):
+        assert (f"lvr eval: error: gappy-{n}: {released['videos'] / 'gappy.mp4'} node (2, 3) (medium level), "
+                f"caption: no caption for it in {captions / 'gappy.json'} (segment_id 7 of the medium list)"
+                in proc.stderr)
+        assert (f"lvr eval: error: nofile-{n}: {released['videos'] / 'nofile.mp4'}: no caption file for it in "
+                f"--captions {captions} (expected {captions / 'nofile.json'})" in proc.stderr)
+
+
+def test_video_qa_needs_a_vision_model_of_its_own(released, tmp_path):
+    questions = released["flat"]("numbers")
+    out = tmp_path / "none" / "results.jsonl"
+    proc, _ = eval_with_captions(released, questions, out, navigator_with_qa)
+    assert proc.returncode == 1 and not (out.exists() and out.read_text())   # nothing answered
+    assert (f"node (2, 3, 1) (low level), video_qa: no video_qa model: the captions come from --captions files, "
+            f"and video_qa sends a clip's frames to a vision model; name one with --qa-model (and --qa-base-url)"
+            in proc.stderr)
+    with FakeOpenAI("<answer>The number 61.</answer>", models=("vision",), strict_models=True) as vision:
+        out = tmp_path / "qa" / "results.jsonl"
+        proc, requests = eval_with_captions(released, questions, out, navigator_with_qa,
+                                            "--qa-model", "vision", "--qa-base-url", vision.url)
+        assert proc.returncode == 0, proc.stderr
+        assert len(vision.requests) == 2 and {r["model"] for r in requests} == {"navigator"}
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(r["correct"] and r["accounting"]["video_qa_calls"] == 1 for r in records)
+    assert records[0]["settings"]["models"]["qa"]["model"] == "vision"
+
+
+def test_a_folder_that_holds_no_caption_files_is_a_usage_error(released, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_lvr("eval", released["flat"]("numbers"), "--video-dir", released["videos"], "--captions", empty,
+                   "--base-url", "http://127.0.0.1:9/v1", "--model", "navigator", "--cache-dir", tmp_path / "cache",
+                   "-o", tmp_path / "out.jsonl", "-q")
+    assert proc.returncode == 2 and f"--captions {empty}: no caption files (*.json) in it" in proc.stderr
+
+
+def test_the_folder_digest_follows_names_and_contents(tmp_path):
+    from lvr.prep.longvideo_r1 import folder_digest
+
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "b.json").write_text("[]")
+    first = folder_digest(tmp_path.glob("*.json"))
+    assert first == folder_digest(sorted(tmp_path.glob("*.json"), reverse=True))
+    (tmp_path / "b.json").write_text("[ ]")
+    second = folder_digest(tmp_path.glob("*.json"))
+    (tmp_path / "b.json").rename(tmp_path / "c.json")
+    assert len({first, second, folder_digest(tmp_path.glob("*.json"))}) == 3

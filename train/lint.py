@@ -1,4 +1,4 @@
-"""`lvr synthesize --lint FILE`: check trajectory records against the protocol rules.
+"""`lvr synthesize --lint FILE`: check trajectories, or the released SFT data, against the protocol rules.
 
 Every assistant turn of a trajectory's ``messages`` is judged by the same parser
 the agent uses (`lvr.infer.protocol.parse_turn`), so a turn that lint passes is
@@ -16,6 +16,16 @@ one that `ask` would have accepted. On top of that, whole-conversation rules:
 Each problem is a `LintIssue` with the file line, the qid and the assistant turn
 (1-based), and a code: a `lvr.infer.protocol.Breach` code for a turn the parser
 refuses, or one of the codes below.
+
+A JSON list of LLaMA-Factory samples (the released LongVideo-R1 SFT data, read by
+`lvr.train.released_data.sft_messages`, as ``lvr sft`` reads it) is linted by the rules
+that apply to its samples (`RELEASED_RULES`): they are per-turn fragments in the
+``longvideo-r1`` layout with no trajectory fields, so a sample may end on a tool call,
+the tree width K is the number of high-level captions in its first user turn, and the
+answer and qid rules are skipped. A sample whose first user turn has no high-level
+captions starts mid-episode: its ids are not range-checked and its video_qa calls not
+checked against earlier captions (counted in `LintReport.partial`). Issues name the
+line of the sample's ``{`` and its index in the list.
 """
 
 from __future__ import annotations
@@ -27,15 +37,28 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from ..infer.benchmarks import EvalFormatError
-from ..infer.profiles import PROFILES
-from ..prep.records import read_text
-from ..infer.protocol import Breach, answer_matches, correction, extract_choice, format_id, parse_turn
+from ..infer.profiles import LONGVIDEO_R1_PROFILE, PROFILES, Profile
+from ..prep.records import RecordFileError, RecordSkip, json_records, read_text
+from ..infer.protocol import Breach, ParsedTurn, answer_matches, correction, extract_choice, format_id, parse_turn
 from .hints import HINT_PREFIX
+from .released_data import sft_layout, sft_messages
 
-__all__ = ["HINT_PREFIX", "LintFileError", "TRAJECTORY_SCHEMA", "FATAL_CODES", "LintIssue", "LintReport", "hint_leaks",
-           "lint_trajectory", "lint_records", "lint_file"]
+__all__ = ["HINT_PREFIX", "LintFileError", "TRAJECTORY_SCHEMA", "FATAL_CODES", "TRAJECTORY_RULES", "RELEASED_RULES",
+           "RULE_SETS", "LintIssue", "LintReport", "hint_leaks", "lint_trajectory", "lint_records",
+           "lint_released_sample", "lint_released", "lint_file"]
 
 TRAJECTORY_SCHEMA = "lvr.trajectory/1"
+
+# The rule sets, by what the file holds.
+TRAJECTORY_RULES = TRAJECTORY_SCHEMA
+RELEASED_RULES = "released-sft"
+RULE_SETS = {
+    TRAJECTORY_RULES: "lvr.trajectory/1 records: every rule",
+    RELEASED_RULES: ("released LongVideo-R1 SFT samples (longvideo-r1 layout): turn format, ids within the K "
+                     "of the high-level captions, roles, video_qa after its leaf's caption, no answer before "
+                     "the last turn, no hint marker; a sample may end on a tool call; the answer and qid "
+                     "rules are skipped (the samples carry neither)"),
+}
 
 
 # Codes beyond the parser's Breach codes.
@@ -64,9 +87,16 @@ class LintIssue:
     turn: int | None     # 1-based assistant turn, when the issue belongs to one
     code: str
     detail: str
+    sample: int | None = None   # a released sample's index in the JSON list (from 0)
+
+    def where(self) -> str:
+        """``qid turn N`` / ``sample[i] turn N``: what the issue belongs to, after its file:line."""
+        owner = f"sample[{self.sample}]" if self.sample is not None else self.qid or ""
+        return " ".join(x for x in (owner, f"turn {self.turn}" if self.turn else "") if x)
 
     def to_record(self) -> dict:
-        return {"line": self.line, "qid": self.qid, "turn": self.turn, "code": self.code, "detail": self.detail}
+        record = {"line": self.line, "qid": self.qid, "turn": self.turn, "code": self.code, "detail": self.detail}
+        return record if self.sample is None else {**record, "sample": self.sample}
 
 
 @dataclass
@@ -77,6 +107,12 @@ class LintReport:
     rejected: int = 0            # records with accepted != true
     rejected_skipped: int = 0    # of those, not linted (include_rejected=False)
     path: str = "-"
+    rules: str = TRAJECTORY_RULES   # a key of RULE_SETS
+    partial: int = 0             # released samples that start mid-episode (K unknown)
+
+    @property
+    def noun(self) -> str:
+        return "samples" if self.rules == RELEASED_RULES else "records"
 
     @property
     def ok(self) -> bool:
@@ -90,27 +126,37 @@ class LintReport:
         return sorted({i.line for i in self.issues})
 
     def lines(self) -> list[str]:
-        """One line per issue: ``file:line: qid turn N: code: detail``."""
+        """One line per issue: ``file:line: qid turn N: code: detail`` (``sample[i]`` for a released sample)."""
         out = []
         for i in self.issues:
-            where = " ".join(x for x in (i.qid or "", f"turn {i.turn}" if i.turn else "") if x)
+            where = i.where()
             out.append(f"{self.path}:{i.line}: {where + ': ' if where else ''}{i.code}: {i.detail}")
         return out
 
+    def partial_note(self) -> str | None:
+        if not self.partial:
+            return None
+        return (f"{self.partial} sample(s) start mid-episode (no high-level captions in the first user turn): "
+                "their ids are not range-checked, nor their video_qa calls against earlier captions")
+
     def summary(self) -> str:
         linted = self.records - self.rejected_skipped
-        text = (f"{self.path}: {self.records} records, {linted} linted, {self.clean} clean, "
+        text = (f"{self.path}: {self.records} {self.noun}, {linted} linted, {self.clean} clean, "
                 f"{len(self.issues)} issues on {len(self.offending_lines())} lines")
         if self.rejected_skipped:
             text += f"; {self.rejected_skipped} rejected not linted (--include-rejected to lint them)"
+        text += f"\n  rules: {RULE_SETS[self.rules]}"
+        if self.partial:
+            text += f"\n  {self.partial_note()}"
         if self.issues:
             text += "\n  " + ", ".join(f"{code}: {n}" for code, n in self.counts().items())
             text += "\n  lines: " + ", ".join(map(str, self.offending_lines()))
         return text
 
     def to_record(self) -> dict:
-        return {"path": self.path, "records": self.records, "clean": self.clean, "rejected": self.rejected,
-                "rejected_skipped": self.rejected_skipped, "counts": self.counts(),
+        return {"path": self.path, "rules": self.rules, "records": self.records, "clean": self.clean,
+                "rejected": self.rejected, "rejected_skipped": self.rejected_skipped, "partial": self.partial,
+                "counts": self.counts(),
                 "offending_lines": self.offending_lines(), "issues": [i.to_record() for i in self.issues]}
 
 
@@ -119,18 +165,20 @@ def _short(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def hint_leaks(rec: dict) -> list[tuple[int, str]]:
-    """(message index, what leaked) for every message holding a hint text or the hint marker."""
-    texts = []
+def _hint_texts(rec: dict) -> list[str]:
     hints = rec.get("hints")
-    if isinstance(hints, list):
-        for h in hints:
-            t = h.get("text") if isinstance(h, dict) else None
-            if isinstance(t, str) and t.strip():
-                texts.append(t.strip())
+    texts = []
+    for h in hints if isinstance(hints, list) else []:
+        t = h.get("text") if isinstance(h, dict) else None
+        if isinstance(t, str) and t.strip():
+            texts.append(t.strip())
+    return texts
+
+
+def _leaks(messages: list, texts: list[str]) -> list[tuple[int, str]]:
+    """(message index, what leaked) for every message holding one of `texts` or the hint marker."""
     out = []
-    messages = rec.get("messages")
-    for i, m in enumerate(messages if isinstance(messages, list) else []):
+    for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if not isinstance(content, str):
             continue
@@ -142,17 +190,26 @@ def hint_leaks(rec: dict) -> list[tuple[int, str]]:
     return out
 
 
+def hint_leaks(rec: dict) -> list[tuple[int, str]]:
+    """(message index, what leaked) for every message holding a hint text or the hint marker."""
+    messages = rec.get("messages")
+    return _leaks(messages if isinstance(messages, list) else [], _hint_texts(rec))
+
+
 def _k(rec: dict) -> int | None:
     k = rec.get("K")
     return k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else None
 
 
-def _last_round_notice(rec: dict, messages: list[dict]) -> int | None:
-    """The index of the last-round notice when the record's profile sends it as a user message of its
-    own, right after the last user message (and before the final assistant turn); None otherwise."""
+def _record_profile(rec: dict) -> Profile | None:
     settings = rec.get("settings")
     protocol = settings.get("protocol") if isinstance(settings, dict) else None
-    profile = PROFILES.get(protocol) if isinstance(protocol, str) else None
+    return PROFILES.get(protocol) if isinstance(protocol, str) else None
+
+
+def _last_round_notice(profile: Profile | None, messages: list[dict]) -> int | None:
+    """The index of the last-round notice when the profile sends it as a user message of its
+    own, right after the last user message (and before the final assistant turn); None otherwise."""
     if profile is None or not profile.last_round_alone:
         return None
     i = len(messages) - 2 if messages[-1]["role"] == "assistant" else len(messages) - 1
@@ -160,6 +217,67 @@ def _last_round_notice(rec: dict, messages: list[dict]) -> int | None:
             and messages[i]["content"] == profile.last_round):
         return i
     return None
+
+
+@dataclass
+class _Turns:
+    """What the turn rules saw, for the rules about the conversation's end."""
+
+    roles: list[str]
+    assistant: list[tuple[int, str]]       # (message index, text) of each assistant turn
+    last: ParsedTurn | None = None         # the last assistant turn, parsed
+
+
+def _lint_messages(messages: list[dict], add, *, k: int | None, profile: Profile | None, hint_texts: list[str],
+                   system_required: bool, qa_order: bool) -> _Turns:
+    """The rules every conversation follows: roles, no hints, each assistant turn through the
+    parser, video_qa after its leaf's caption (`qa_order`), no answer before the last turn.
+
+    `add(code, detail, turn=None)` takes each issue. `k` None: the ids are not range-checked.
+    """
+    # Roles: [system], user, then assistant/user alternating (a last-round notice of its own aside).
+    roles = [m["role"] for m in messages]
+    notice = _last_round_notice(profile, messages)
+    alternating = [i for i in range(len(roles)) if i != notice]
+    first = 0 if system_required or roles[0] == "system" else 1
+    for n, i in enumerate(alternating, first):
+        role = roles[i]
+        want = "system" if n == 0 else "user" if n % 2 else "assistant"
+        if role != want:
+            add(BAD_ROLES, f"messages[{i}] is {role!r} where {want!r} belongs "
+                           f"(roles: {', '.join(roles[:8])}{', ...' if len(roles) > 8 else ''})")
+            break
+
+    # Hints must never be in the conversation.
+    turn_of = {}
+    n = 0
+    for i, role in enumerate(roles):
+        if role == "assistant":
+            n += 1
+            turn_of[i] = n
+    for i, what in _leaks(messages, hint_texts):
+        add(HINT_LEAK, f"{what} in messages[{i}] ({roles[i]})", turn_of.get(i))
+
+    # Each assistant turn against the parser, and the tree rules across turns.
+    turns = _Turns(roles, [(i, m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant"])
+    captioned: set[tuple[int, ...]] = set()
+    for t, (i, text) in enumerate(turns.assistant, 1):
+        parsed = parse_turn(text, k if k is not None else 1_000_000)
+        turns.last = parsed
+        if parsed.breach:
+            add(parsed.breach, parsed.message or parsed.breach, t)
+            continue
+        call = parsed.call
+        if call is not None:
+            if call.tool == "get_caption" and len(call.node) == 3:
+                captioned.add(call.node)
+            elif call.tool == "video_qa" and qa_order and call.node not in captioned:
+                add(Breach.QA_BEFORE_CAPTION,
+                    correction(Breach.QA_BEFORE_CAPTION, node=format_id(call.node)), t)
+        elif t < len(turns.assistant):
+            add(ANSWER_BEFORE_END, f"turn {t} answers {_short(parsed.answer, 40)!r} but the conversation "
+                                   f"goes on for {len(turns.assistant) - t} more assistant turn(s)", t)
+    return turns
 
 
 def lint_trajectory(rec: dict, line: int) -> list[LintIssue]:
@@ -190,49 +308,9 @@ def lint_trajectory(rec: dict, line: int) -> list[LintIssue]:
         add(BAD_RECORD, f"messages[{bad}] needs a string 'role' and a string 'content'")
         return issues
 
-    # Roles: system, user, then assistant/user alternating (a last-round notice of its own aside).
-    roles = [m["role"] for m in messages]
-    notice = _last_round_notice(rec, messages)
-    alternating = [i for i in range(len(roles)) if i != notice]
-    for n, i in enumerate(alternating):
-        role = roles[i]
-        want = "system" if n == 0 else "user" if n % 2 else "assistant"
-        if role != want:
-            add(BAD_ROLES, f"messages[{i}] is {role!r} where {want!r} belongs "
-                           f"(roles: {', '.join(roles[:8])}{', ...' if len(roles) > 8 else ''})")
-            break
-
-    # Hints must never be in the conversation.
-    turn_of = {}
-    n = 0
-    for i, role in enumerate(roles):
-        if role == "assistant":
-            n += 1
-            turn_of[i] = n
-    for i, what in hint_leaks(rec):
-        add(HINT_LEAK, f"{what} in messages[{i}] ({roles[i]})", turn_of.get(i))
-
-    # Each assistant turn against the parser, and the tree rules across turns.
-    assistant = [(i, m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant"]
-    captioned: set[tuple[int, ...]] = set()
-    last_parsed = None
-    for t, (i, text) in enumerate(assistant, 1):
-        parsed = parse_turn(text, k if k is not None else 1_000_000)
-        last_parsed = parsed
-        if parsed.breach:
-            add(parsed.breach, parsed.message or parsed.breach, t)
-            continue
-        call = parsed.call
-        if call is not None:
-            if call.tool == "get_caption" and len(call.node) == 3:
-                captioned.add(call.node)
-            elif call.tool == "video_qa" and call.node not in captioned:
-                add(Breach.QA_BEFORE_CAPTION,
-                    correction(Breach.QA_BEFORE_CAPTION, node=format_id(call.node)), t)
-        elif t < len(assistant):
-            add(ANSWER_BEFORE_END, f"turn {t} answers {_short(parsed.answer, 40)!r} but the conversation "
-                                   f"goes on for {len(assistant) - t} more assistant turn(s)", t)
-
+    turns = _lint_messages(messages, add, k=k, profile=_record_profile(rec), hint_texts=_hint_texts(rec),
+                           system_required=True, qa_order=True)
+    roles, assistant, last_parsed = turns.roles, turns.assistant, turns.last
     if not assistant:
         add(NO_ANSWER, "no assistant turn")
     elif roles[-1] != "assistant":
@@ -254,6 +332,29 @@ def lint_trajectory(rec: dict, line: int) -> list[LintIssue]:
             add(WRONG_ANSWER, f"accepted, but the final answer {_short(last_parsed.answer, 40)!r} {picked}, "
                               f"not {_short(rec['answer'], 40)!r}", len(assistant))
     return issues
+
+
+def lint_released_sample(rec, line: int, index: int) -> tuple[list[LintIssue], bool]:
+    """Every rule breach in one released SFT sample (`RELEASED_RULES`), and whether the sample holds
+    its episode from the first turn (its first user turn has the high-level captions)."""
+    issues: list[LintIssue] = []
+
+    def add(code: str, detail: str, turn: int | None = None) -> None:
+        issues.append(LintIssue(line, None, turn, code, detail, sample=index))
+
+    if not isinstance(rec, dict):
+        add(NOT_JSON, "not a JSON object")
+        return issues, True
+    try:
+        messages = sft_messages(rec)   # as `lvr sft` reads it: roles alternate, ending on the assistant
+    except RecordSkip as e:
+        add(BAD_RECORD, str(e))
+        return issues, True
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    k = LONGVIDEO_R1_PROFILE.high_caption_count(first_user) or None
+    _lint_messages(messages, add, k=k, profile=LONGVIDEO_R1_PROFILE, hint_texts=[], system_required=False,
+                   qa_order=k is not None)
+    return issues, k is not None
 
 
 def lint_records(lines: Iterable[str], *, include_rejected: bool = False, path: str = "-") -> LintReport:
@@ -289,14 +390,43 @@ def lint_records(lines: Iterable[str], *, include_rejected: bool = False, path: 
     return report
 
 
+def lint_released(records: Iterable[tuple[int, object]], *, path: str = "-") -> LintReport:
+    """Lint the (line, sample) pairs of a released SFT JSON list by `RELEASED_RULES`."""
+    report = LintReport(path=path, rules=RELEASED_RULES)
+    for index, (lineno, rec) in enumerate(records):
+        report.records += 1
+        issues, whole = lint_released_sample(rec, lineno, index)
+        report.partial += not whole
+        report.issues.extend(issues)
+        if not issues:
+            report.clean += 1
+    return report
+
+
+def _released_samples(name: str, text: str) -> list[tuple[int, object]]:
+    """The (line, record) pairs of a JSON list of LLaMA-Factory samples (LintFileError otherwise)."""
+    try:
+        records = list(json_records(name, text))
+    except RecordFileError as e:
+        raise LintFileError(str(e)) from None
+    if not any(sft_layout(rec) for _, rec in records):
+        raise LintFileError(f"{name}: a JSON list with no LLaMA-Factory SFT sample in it ('conversations', or "
+                            "'instruction' and 'output'); --lint reads lvr.trajectory/1 JSONL or the released "
+                            "SFT data")
+    return records
+
+
 def lint_file(path_or_dash: "str | Path", *, include_rejected: bool = False,
               stdin: IO[str] | None = None) -> LintReport:
-    """Lint a trajectory JSONL file (``-`` reads stdin). Raises LintFileError when it cannot be read."""
+    """Lint a trajectory JSONL file, or a JSON list of released SFT samples (``-`` reads stdin).
+    Raises LintFileError when it cannot be read."""
     name = str(path_or_dash)
     if name != "-" and Path(name).is_dir():
-        raise LintFileError(f"{name}: is a directory; give a trajectory JSONL file")
+        raise LintFileError(f"{name}: is a directory; give a trajectory JSONL file or a released SFT file")
     try:
         text = read_text(name, stdin)
     except EvalFormatError as e:
         raise LintFileError(str(e)) from None
+    if text.lstrip().startswith("["):   # LLaMA-Factory data is one JSON list; trajectories are JSONL
+        return lint_released(_released_samples(name, text), path=name)
     return lint_records(text.split("\n"), include_rejected=include_rejected, path=name)

@@ -72,11 +72,12 @@ _USER_TAGS = {"human", "user"}
 _ASSISTANT_TAGS = {"gpt", "assistant"}
 _SYSTEM_TAG = "system"
 
-# The reference's first user turn names each high-level caption "High-level Caption <n> from <t0>
-# to <t1>:"; their count is the tree width K the sample was made with.
-_HIGH_CAPTION = re.compile(r"High-level Caption (\d+) from ")
-# The line of an RL prompt's user turn that ends the question and its options.
-_DURATION_LINE = re.compile(r"^The total duration of the video is ", re.M)
+def _duration_line() -> "re.Pattern[str]":
+    """The line of an RL prompt's user turn that ends the question and its options: the start of the
+    `longvideo-r1` profile's duration sentence, up to its first field."""
+    from ..infer.profiles import LONGVIDEO_R1_PROFILE
+
+    return re.compile("^" + re.escape(LONGVIDEO_R1_PROFILE.duration.split("{", 1)[0]), re.M)
 
 
 # ---------------------------------------------------------------- reading files
@@ -189,9 +190,11 @@ def sft_messages(rec: Any) -> list[dict]:
 
 
 def high_caption_count(text: str) -> int | None:
-    """The tree width K of a reference first user turn (its number of high-level captions), or None."""
-    found = [int(n) for n in _HIGH_CAPTION.findall(text)]
-    return max(found) if found else None
+    """The tree width K of a reference first user turn (its number of high-level captions, read
+    with the `longvideo-r1` profile's layout), or None when it has none."""
+    from ..infer.profiles import LONGVIDEO_R1_PROFILE
+
+    return LONGVIDEO_R1_PROFILE.high_caption_count(text) or None
 
 
 # ---------------------------------------------------------------- RL rows
@@ -239,10 +242,10 @@ def rl_row(rec: dict) -> RlRow:
     if not users:
         raise RecordSkip("'prompt' has no user message")
     text = _content(prompt[users[0]], f"prompt[{users[0]}]")
-    cut = _DURATION_LINE.search(text)
+    cut = _duration_line().search(text)
     if cut is None:
-        raise RecordSkip(f"prompt[{users[0]}]: no 'The total duration of the video is ...' line, so the question "
-                         "cannot be told from the captions")
+        raise RecordSkip(f"prompt[{users[0]}]: no '{_duration_line().pattern[1:].replace(chr(92), '')}...' line, "
+                         "so the question cannot be told from the captions")
     head = text[: cut.start()].strip()
     if not head:
         raise RecordSkip(f"prompt[{users[0]}]: the question is empty")

@@ -168,26 +168,56 @@ def role_spec(main: ModelSpec, backend: str | None, model: str | None, base_urls
 @dataclass(frozen=True)
 class Roles:
     reasoning: ModelSpec
-    caption: ModelSpec
-    qa: ModelSpec
+    caption: ModelSpec | None   # None: the captions come from files (`--captions`), no captioner
+    qa: ModelSpec | None        # None: no video_qa model (see `resolve_roles`)
 
     def items(self) -> list[tuple[str, ModelSpec]]:
-        return [("reasoning", self.reasoning), ("caption", self.caption), ("qa", self.qa)]
+        """The roles that have a model."""
+        return [(role, spec) for role, spec in (("reasoning", self.reasoning), ("caption", self.caption),
+                                                ("qa", self.qa)) if spec is not None]
 
     def owner(self, role: str) -> str:
         """The role whose flags chose this role's model (a fallen-back role names the one it copies)."""
         chain = ["reasoning", "caption", "qa"]
-        specs = dict(self.items())
+        specs = {"reasoning": self.reasoning, "caption": self.caption, "qa": self.qa}
         i = chain.index(role)
         while i > 0 and specs[chain[i]] == specs[chain[i - 1]]:
             i -= 1
         return chain[i]
 
 
-def resolve_roles(main: ModelSpec, caption: RoleOptions = RoleOptions(), qa: RoleOptions = RoleOptions()) -> Roles:
-    """The three roles from the main model's spec and the caption and qa roles' own flags."""
+def resolve_roles(main: ModelSpec, caption: RoleOptions = RoleOptions(), qa: RoleOptions = RoleOptions(), *,
+                  captions_from_files: bool = False) -> Roles:
+    """The three roles from the main model's spec and the caption and qa roles' own flags.
+
+    `captions_from_files` (`--captions`): there is no captioner, and the video_qa model, which is
+    sent frames, never falls back to the navigator: it is the one the qa (or else the caption)
+    flags name, or none at all.
+    """
     caption_spec = role_spec(main, caption.backend, caption.model, tuple(caption.base_url), caption.api_key)
-    return Roles(main, caption_spec, role_spec(caption_spec, qa.backend, qa.model, tuple(qa.base_url), qa.api_key))
+    qa_spec = role_spec(caption_spec, qa.backend, qa.model, tuple(qa.base_url), qa.api_key)
+    if not captions_from_files:
+        return Roles(main, caption_spec, qa_spec)
+    named = any(role.model or role.base_url for role in (caption, qa))
+    return Roles(main, None, qa_spec if named else None)
+
+
+NO_QA_MODEL = ("no video_qa model: the captions come from --captions files, and video_qa sends a clip's frames "
+               "to a vision model; name one with --qa-model (and --qa-base-url)")
+
+
+class NoModel:
+    """The model of a role that has none (`Roles` holds None for it): a name for the records, and a
+    request fails with one line saying what to give."""
+
+    def __init__(self, name: str, why: str):
+        self.name, self.why = name, why
+
+    async def complete(self, messages, options=None):
+        raise ModelError(self.why)
+
+    async def aclose(self) -> None:
+        pass
 
 
 def _role_name(role: str) -> str:
