@@ -466,14 +466,14 @@ def navigator_with_qa(body: dict) -> str:
 
 @pytest.fixture(scope="module")
 def released(numbered_video, tmp_path_factory) -> dict:
-    """Videos (numbers.mp4, and copies gappy.mp4 and nofile.mp4 of it), a caption folder with a whole
-    tree for numbers and one lacking medium node (2, 3) for gappy (none for nofile), and a flat
-    LVBench file asking two questions about each."""
+    """Videos (numbers.mp4, and copies gappy.mp4, wide.mp4 and nofile.mp4 of it), a caption folder with
+    a whole tree for numbers, one lacking medium node (2, 3) for gappy, one of width 5 for wide (the
+    video's K is 4) and none for nofile, and flat LVBench files asking two questions about each."""
     root = tmp_path_factory.mktemp("released-captions")
     videos, captions = root / "videos", root / "captions"
     videos.mkdir()
     captions.mkdir()
-    for name in ("numbers", "gappy", "nofile"):
+    for name in ("numbers", "gappy", "wide", "nofile"):
         shutil.copy(numbered_video, videos / f"{name}.mp4")
     nodes_file = root / "nodes.jsonl"
     assert run_lvr("segment", videos / "numbers.mp4", "-o", nodes_file, "--cache-dir", root / "seg-cache",
@@ -483,6 +483,7 @@ def released(numbered_video, tmp_path_factory) -> dict:
     gappy = caption_tree(nodes, "gappy.mp4")
     gappy["captions"][1] = [e for e in gappy["captions"][1] if e["segment_id"] != 7]   # (2, 3) with K = 4
     (captions / "gappy.json").write_text(json.dumps(gappy))
+    (captions / "wide.json").write_text(json.dumps({**caption_tree(nodes, "wide.mp4"), "width": 5}))
 
     def flat(*names: str) -> Path:
         entries = [{"key": name, "uid": f"{name}-{n}", "question": f"Q{n}: which?\n(A) odd\n(B) even", "answer": "A"}
@@ -527,7 +528,8 @@ def test_eval_takes_every_caption_from_the_folder_with_no_captioner(released, tm
 
 def test_a_missing_node_or_file_fails_its_question_named(released, tmp_path):
     out = tmp_path / "results.jsonl"
-    proc, requests = eval_with_captions(released, released["flat"]("numbers", "gappy", "nofile"), out, navigator)
+    proc, requests = eval_with_captions(released, released["flat"]("numbers", "gappy", "wide", "nofile"), out,
+                                        navigator)
     assert proc.returncode == 1
     assert {r["model"] for r in requests} == {"navigator"}
     records = [json.loads(x) for x in out.read_text().splitlines()]
@@ -539,6 +541,18 @@ def test_a_missing_node_or_file_fails_its_question_named(released, tmp_path):
                 in proc.stderr)
         assert (f"lvr eval: error: nofile-{n}: {released['videos'] / 'nofile.mp4'}: no caption file for it in "
                 f"--captions {captions} (expected {captions / 'nofile.json'})" in proc.stderr)
+        assert f"lvr eval: error: wide-{n}: {captions / 'wide.json'}: width 5, but video " in proc.stderr
+
+
+def test_ask_answers_from_the_caption_folder(released, tmp_path):
+    with FakeOpenAI(navigator, models=("navigator",), strict_models=True) as server:
+        proc = run_lvr("ask", released["videos"] / "numbers.mp4", "Which?", "-O", "odd", "-O", "even",
+                       "--captions", released["captions"], "--base-url", server.url, "--model", "navigator",
+                       "--cache-dir", tmp_path / "cache", "-o", tmp_path / "answer.json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "A. odd" and {r["model"] for r in server.requests} == {"navigator"}
+    record = json.loads((tmp_path / "answer.json").read_text())
+    assert record["accounting"]["caption_calls"]["made"] == 0
 
 
 def test_video_qa_needs_a_vision_model_of_its_own(released, tmp_path):

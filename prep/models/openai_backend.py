@@ -3,7 +3,9 @@
 Requests run concurrently (bounded by a semaphore), spread over one or more base
 URLs, and are retried with exponential backoff and full jitter on timeouts,
 dropped connections, 429 and 5xx. The API key never leaves the Authorization
-header: every message we build passes through `redact`.
+header: every message we build passes through `redact`. All of that lives in
+`OpenAIEndpoint`, which the chat client here and the transcription client
+(asr.py, /audio/transcriptions) share.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import random
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import httpx
 
 from .base import Completion, GenerationOptions, Message, ModelError, Usage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _REDACTED = "<redacted>"
@@ -116,12 +119,16 @@ class _Retryable(Exception):
         self.connect = connect  # the request never reached a server
 
 
-class OpenAIChat:
-    """ChatModel over OpenAI-compatible /chat/completions endpoints."""
+class OpenAIEndpoint:
+    """What every client of OpenAI-compatible endpoints shares: several base URLs, a bound on
+    requests in flight, retries with backoff, and an API key kept out of every message.
+
+    A client (chat, transcription) calls `post` with its request and a parser of the reply.
+    """
 
     def __init__(self, model: str, base_urls: list[str] | str | None = None, api_key: str | None = None, *,
                  concurrency: int = 8, timeout_s: float = 120.0, max_retries: int = 5,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, extra_body: dict | None = None):
+                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if max_retries < 0:
@@ -138,9 +145,6 @@ class OpenAIChat:
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
-        self.extra_body = dict(extra_body or {})
-        self.usage = Usage()
-        self._usage_lock = threading.Lock()
         # Per-URL state; only touched from the event loop that owns the client.
         self._in_flight = {u: 0 for u in urls}
         self._failures = {u: 0 for u in urls}
@@ -153,7 +157,7 @@ class OpenAIChat:
         self._client_load: list[int] = []
 
     def __repr__(self) -> str:
-        return self.redact(f"OpenAIChat(model={self.name!r}, base_urls={self.base_urls!r})")
+        return self.redact(f"{type(self).__name__}(model={self.name!r}, base_urls={self.base_urls!r})")
 
     __str__ = __repr__
 
@@ -217,33 +221,13 @@ class OpenAIChat:
             return min(self.backoff_max_s, retry_after)
         return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2.0 ** min(retry, 30)))
 
-    def _payload(self, messages: list[Message], options: GenerationOptions) -> dict:
-        body: dict[str, Any] = {
-            "model": self.name,
-            "messages": to_openai_messages(messages),
-            "max_tokens": options.max_tokens,
-            "temperature": options.temperature,
-            "top_p": options.top_p,
-        }
-        if options.stop:
-            body["stop"] = list(options.stop)
-        if options.seed is not None:
-            body["seed"] = options.seed
-        for key, value in self.extra_body.items():
-            # None drops a field a server refuses (e.g. max_tokens on newer OpenAI models).
-            if value is None:
-                body.pop(key, None)
-            else:
-                body[key] = value
-        return body
-
     # -- one attempt ------------------------------------------------------
 
-    async def _attempt(self, client: httpx.AsyncClient, url: str, body: bytes) -> tuple[dict, dict, dict]:
-        """One POST; returns (response JSON, first choice, its message) or raises."""
+    async def _attempt(self, client: httpx.AsyncClient, url: str, path: str, send: dict,
+                       parse: Callable[[httpx.Response], T]) -> T:
+        """One POST; returns the parsed reply or raises."""
         try:
-            response = await client.post(f"{url}/chat/completions", content=body,
-                                         headers={"Content-Type": "application/json"})
+            response = await client.post(f"{url}{path}", **send)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise _Retryable(type(exc).__name__, str(exc), connect=True) from None
         except httpx.TimeoutException as exc:
@@ -260,14 +244,9 @@ class OpenAIChat:
         if status != 200:
             raise ModelError(self._error(url, f"HTTP {status}", _server_message(response)))
         try:
-            data = response.json()
-            choice = data["choices"][0]
-            message = choice["message"]
-            if not isinstance(choice, dict) or not isinstance(message, dict):
-                raise TypeError
+            return parse(response)
         except (ValueError, KeyError, IndexError, TypeError):
             raise _Retryable("malformed response", response.text) from None
-        return data, choice, message
 
     def _error(self, url: str, kind: str, detail: str) -> str:
         # Redact before truncating, so a key cut in half at the limit cannot slip through.
@@ -277,10 +256,12 @@ class OpenAIChat:
 
     # -- public -----------------------------------------------------------
 
-    async def complete(self, messages: list[Message], options: GenerationOptions = GenerationOptions()) -> Completion:
-        started = time.monotonic()
+    async def post(self, path: str, parse: Callable[[httpx.Response], T], **send: Any) -> T:
+        """POST to `path` under one of the base URLs (`send`: httpx's content=, data=, files=,
+        headers=) and return `parse(reply)`, retrying timeouts, dropped connections, 429 and 5xx
+        and replies `parse` cannot read (it raises ValueError, KeyError, IndexError or TypeError).
+        Raises ModelError, one line, when no attempt succeeds."""
         sem = self._ensure()
-        body = json.dumps(self._payload(messages, options)).encode("utf-8")
         attempts = self.max_retries + 1
         tried: set[str] = set()
         for attempt in range(attempts):
@@ -290,7 +271,7 @@ class OpenAIChat:
                 self._in_flight[url] += 1
                 self._client_load[shard] += 1
                 try:
-                    data, choice, message = await self._attempt(self._clients[shard], url, body)
+                    result = await self._attempt(self._clients[shard], url, path, send, parse)
                 except _Retryable as failure:
                     failed = failure
                 else:
@@ -300,7 +281,7 @@ class OpenAIChat:
                     self._client_load[shard] -= 1
             if failed is None:
                 self._mark_ok(url)
-                break
+                return result
             self._mark_failed(url)
             tried.add(url)
             others_left = len(tried) < len(self.base_urls)
@@ -315,22 +296,7 @@ class OpenAIChat:
                      attempt + 1, self.max_retries, delay)
             if delay > 0:
                 await asyncio.sleep(delay)
-
-        raw = data.get("usage")
-        raw = raw if isinstance(raw, dict) else {}
-        usage = Usage(prompt_tokens=int(raw.get("prompt_tokens") or 0),
-                      completion_tokens=int(raw.get("completion_tokens") or 0), requests=1)
-        with self._usage_lock:
-            self.usage.add(usage)
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        reasoning = None
-        if isinstance(message, dict):
-            reasoning = message.get("reasoning_content") or message.get("reasoning")
-        return Completion(text=content or "", model=self.name, usage=usage,
-                          seconds=time.monotonic() - started, finish_reason=choice.get("finish_reason"),
-                          reasoning=reasoning if isinstance(reasoning, str) and reasoning.strip() else None)
+        raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
 
     async def list_models(self) -> dict[str, list[str]]:
         """Model ids each base URL serves (GET {base}/models), for a preflight check."""
@@ -380,3 +346,67 @@ class OpenAIChat:
         clients, self._clients, self._loop, self._sem = self._clients, [], None, None
         for client in clients:
             await client.aclose()
+
+
+def _chat_reply(response: httpx.Response) -> tuple[dict, dict, dict]:
+    """(response JSON, first choice, its message) of a /chat/completions reply."""
+    data = response.json()
+    choice = data["choices"][0]
+    message = choice["message"]
+    if not isinstance(choice, dict) or not isinstance(message, dict):
+        raise TypeError
+    return data, choice, message
+
+
+class OpenAIChat(OpenAIEndpoint):
+    """ChatModel over OpenAI-compatible /chat/completions endpoints."""
+
+    def __init__(self, model: str, base_urls: list[str] | str | None = None, api_key: str | None = None, *,
+                 concurrency: int = 8, timeout_s: float = 120.0, max_retries: int = 5,
+                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, extra_body: dict | None = None):
+        super().__init__(model, base_urls, api_key, concurrency=concurrency, timeout_s=timeout_s,
+                         max_retries=max_retries, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
+        self.extra_body = dict(extra_body or {})
+        self.usage = Usage()
+        self._usage_lock = threading.Lock()
+
+    def _payload(self, messages: list[Message], options: GenerationOptions) -> dict:
+        body: dict[str, Any] = {
+            "model": self.name,
+            "messages": to_openai_messages(messages),
+            "max_tokens": options.max_tokens,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+        }
+        if options.stop:
+            body["stop"] = list(options.stop)
+        if options.seed is not None:
+            body["seed"] = options.seed
+        for key, value in self.extra_body.items():
+            # None drops a field a server refuses (e.g. max_tokens on newer OpenAI models).
+            if value is None:
+                body.pop(key, None)
+            else:
+                body[key] = value
+        return body
+
+    async def complete(self, messages: list[Message], options: GenerationOptions = GenerationOptions()) -> Completion:
+        started = time.monotonic()
+        body = json.dumps(self._payload(messages, options)).encode("utf-8")
+        data, choice, message = await self.post("/chat/completions", _chat_reply, content=body,
+                                                headers={"Content-Type": "application/json"})
+        raw = data.get("usage")
+        raw = raw if isinstance(raw, dict) else {}
+        usage = Usage(prompt_tokens=int(raw.get("prompt_tokens") or 0),
+                      completion_tokens=int(raw.get("completion_tokens") or 0), requests=1)
+        with self._usage_lock:
+            self.usage.add(usage)
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):  # some servers return content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        reasoning = None
+        if isinstance(message, dict):
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+        return Completion(text=content or "", model=self.name, usage=usage,
+                          seconds=time.monotonic() - started, finish_reason=choice.get("finish_reason"),
+                          reasoning=reasoning if isinstance(reasoning, str) and reasoning.strip() else None)
