@@ -25,7 +25,8 @@ ROLLOUT_SAMPLING = Group(SamplingOptions, only=("max_tokens", "temperature", "se
 def rl_command(
     qa: str = typer.Argument(..., metavar="QA.jsonl",
                              help="QA items, with clue intervals (or without: answer-only reward): native "
-                                  "lvr.qa/1 JSONL or CG-Bench JSON."),
+                                  "lvr.qa/1 JSONL, CG-Bench JSON, or the LongVideo-R1 RL rows; any of them may be "
+                                  "parquet."),
     output: Path = RequiredOutputOption,
     video_dir: Optional[Path] = VideoDirOption,
     format: str = FormatOption,

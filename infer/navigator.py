@@ -109,6 +109,7 @@ class AskCallbacks:
     captions are made), `on_frames` from a worker thread; the others from the event loop.
     """
 
+    on_probe: Callable[[], None] | None = None          # the video is being probed and its tree planned
     on_plan: Callable[[int], None] | None = None        # frames to decode
     on_frames: Callable[[int], None] | None = None      # frames decoded since the last call
     on_tree: Callable[[VideoEnv], None] | None = None   # the tree is planned; the K high captions come next
@@ -243,7 +244,7 @@ class Navigator:
         nodes, _ = await self._timed_tree(video)
         return nodes
 
-    async def _timed_tree(self, video) -> tuple[list[dict], float]:
+    async def _timed_tree(self, video, on_probe: Callable[[], None] | None = None) -> tuple[list[dict], float]:
         """The node records and the seconds this call spent loading or segmenting them.
 
         With --captions the video's caption file is imported here too (ValueError naming it)."""
@@ -252,6 +253,8 @@ class Navigator:
         async with lock:
             if key in self._trees:
                 return self._trees[key], 0.0
+            if on_probe is not None:
+                on_probe()
             started = time.perf_counter()
             nodes = await asyncio.to_thread(load_or_plan, video, self.segment_options, self.cache_dir)
             if self.released is not None:
@@ -281,7 +284,7 @@ class Navigator:
         segment_seconds = 0.0
         try:
             if nodes is None:
-                nodes, segment_seconds = await self._timed_tree(video)
+                nodes, segment_seconds = await self._timed_tree(video, callbacks.on_probe)
             env = VideoEnv(nodes, self.captioner(subtitles), self.video_qa(), self.profile)
             env.on_plan, env.on_frames = callbacks.on_plan, callbacks.on_frames
         except (VideoError, ValueError, ModelError, EnvError) as e:

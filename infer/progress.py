@@ -22,16 +22,17 @@ class QuestionProgress:
     """One question: the first level's frames while they are decoded (silent when its captions are
     stored), then its turns."""
 
-    def __init__(self, reporter: Reporter, video: "str | os.PathLike", *, on_tree=None, on_turn=None):
+    def __init__(self, reporter: Reporter, video: "str | os.PathLike", *, on_probe=None, on_tree=None,
+                 on_turn=None):
         self.frames = reporter.frames(Path(video).name, doing="decoding the first level of")
         self.env: VideoEnv | None = None
-        self._on_tree, self._on_turn = on_tree, on_turn
+        self._on_probe, self._on_tree, self._on_turn = on_probe, on_tree, on_turn
         self._captions_counted = 0
 
     @property
     def callbacks(self) -> AskCallbacks:
-        return AskCallbacks(on_plan=self.frames.plan, on_frames=self.frames.update, on_tree=self._tree,
-                            on_turn=self._turn)
+        return AskCallbacks(on_probe=self._on_probe, on_plan=self.frames.plan, on_frames=self.frames.update,
+                            on_tree=self._tree, on_turn=self._turn)
 
     def _tree(self, env: VideoEnv) -> None:
         self.env = env
@@ -60,12 +61,18 @@ class AskProgress:
 
     def __init__(self, reporter: Reporter, video: "str | os.PathLike"):
         self.reporter = reporter
-        self.question = QuestionProgress(reporter, video, on_tree=self._tree, on_turn=self._turn)
+        self.video_name = Path(video).name
+        self.question = QuestionProgress(reporter, video, on_probe=self._probe, on_tree=self._tree,
+                                         on_turn=self._turn)
         self.rounds = None
 
     @property
     def callbacks(self) -> AskCallbacks:
         return self.question.callbacks
+
+    def _probe(self) -> None:
+        if self.reporter.verbose or not self.reporter.terminal:
+            self.reporter.line(f"probing {self.video_name} and planning its tree")
 
     def _tree(self, env: VideoEnv) -> None:
         # A counter, not a bar: most runs end well before --max-rounds.

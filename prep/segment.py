@@ -37,7 +37,7 @@ from .jsonl import JsonlWriter
 from .keyframe_snap import snap_to_keyframes, tolerance_for
 from .options import check_options, option
 from .probe import VideoError, VideoInfo, probe_video, video_fingerprint
-from .subtitles import SubtitleError, SubtitleLine, lines_overlapping, load_subtitles
+from .subtitles import SubtitleError, SubtitleLine, find_sidecars, lines_overlapping, load_subtitles
 from .tree import Level, Node, NodeId, Tree, TreeOptions, format_node_id, node_count, tree_width
 
 NODE_SCHEMA = "lvr.node/1"
@@ -446,13 +446,31 @@ def trees_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / "trees"
 
 
-def tree_cache_path(cache_dir: Path, video_id: str, options: SegmentOptions) -> Path:
-    """<cache>/trees/<video_id>/<options hash>.jsonl: where a video's records are kept for ask and eval."""
+def tree_cache_path(cache_dir: Path, video: Path, video_id: str, options: SegmentOptions) -> Path:
+    """<cache>/trees/<video_id>/<hash>.jsonl: where a video's records are kept for ask and eval.
+
+    The hash covers the options and the subtitle files the records' lines come from, so a sidecar
+    added, changed or removed (or a copy of the video in a folder with other sidecars) is another tree.
+    """
     import hashlib
     import json
 
-    settings = json.dumps(options.to_record(), sort_keys=True)
+    settings = json.dumps({**options.to_record(), "subtitle_files": _subtitle_files(video, options)}, sort_keys=True)
     return trees_dir(cache_dir) / video_id / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _subtitle_files(video: Path, options: SegmentOptions) -> list:
+    """[name, size, mtime] of each subtitle file the options would read for this video."""
+    if not (options.use_subtitles or options.subtitles):
+        return []
+    out = []
+    for f in [Path(options.subtitles)] if options.subtitles else find_sidecars(video):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append([str(f.absolute()), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def _cached_records(path: Path, video: Path) -> list[dict]:
@@ -492,7 +510,7 @@ def load_or_segment(path: "str | os.PathLike", options: SegmentOptions, cache_di
     from .jsonl import dumps, write_atomic
 
     path = Path(path)
-    cached = tree_cache_path(cache_dir, _video_id(path), options)
+    cached = tree_cache_path(cache_dir, path, _video_id(path), options)
     records = _cached_records(cached, path)
     store = FrameStore(frames_dir(Path(cache_dir)))
     if records and not records[0].get(LAZY_FRAMES) and all(store.has(k) for k in records[0].get("frame_keys", [])):
@@ -572,7 +590,7 @@ def load_or_plan(path: "str | os.PathLike", options: SegmentOptions, cache_dir: 
     from .jsonl import dumps, write_atomic
 
     path = Path(path)
-    cached = tree_cache_path(cache_dir, _video_id(path), options)
+    cached = tree_cache_path(cache_dir, path, _video_id(path), options)
     records = _cached_records(cached, path)
     if records:
         return records
@@ -588,5 +606,5 @@ def keep_substitutes(records: list[dict], options: SegmentOptions, cache_dir: Pa
 
     if records and records[0].get(LAZY_FRAMES) and any(
             r.get("substituted_frames") or r.get("qa_substituted_frames") for r in records):
-        write_atomic(tree_cache_path(cache_dir, records[0]["video_id"], options),
+        write_atomic(tree_cache_path(cache_dir, Path(records[0]["path"]), records[0]["video_id"], options),
                      "".join(dumps(r) + "\n" for r in records))

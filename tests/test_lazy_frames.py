@@ -157,3 +157,17 @@ def test_a_segmented_cache_is_warm_for_ask(video, tmp_path):
                        *model_flags(server.url), "--cache-dir", cache)
     assert proc.returncode == 0, proc.stderr
     assert {k: (cache / "frames" / k).stat().st_mtime_ns for k in stored(cache / "frames")} == mtimes
+
+
+def test_a_sidecar_added_after_the_first_plan_reaches_the_tree(video, tmp_path):
+    """The tree cache is keyed by the subtitle files too: a later .srt is not hidden by the first plan."""
+    import shutil
+
+    copy = tmp_path / "talk.mp4"
+    shutil.copy(video, copy)
+    cache = tmp_path / "cache"
+    assert not any(r["subtitles"] for r in load_or_plan(copy, OPTIONS, cache))
+    copy.with_suffix(".srt").write_text("1\n00:00:01,000 --> 00:00:02,500\nHello there.\n")
+    lines = [s["text"] for r in load_or_plan(copy, OPTIONS, cache) if r["level"] == "high" for s in r["subtitles"]]
+    assert lines == ["Hello there."]
+    assert len(list((cache / "trees").glob("*/*.jsonl"))) == 2

@@ -59,10 +59,10 @@ def test_ask_off_a_terminal_writes_a_timestamped_line_per_round(numbered_video, 
     assert "\r" not in proc.stderr and "|" not in proc.stderr     # no bar drawn into a log
     # The tree is planned from the probe; the first level's frames are decoded as they are captioned:
     # a line at the start and one at the end, none per frame.
-    assert lines[0] == "K=4 tree ready; captioning the 4 high clips"
-    assert re.fullmatch(r"decoding the first level of numbered\.mp4: \d+ frames to decode", lines[1])
-    assert re.fullmatch(r"decoding the first level of numbered\.mp4: \d+ frames in \d+\.\d s", lines[2])
-    rounds = lines[3:]
+    assert lines[:2] == ["probing numbered.mp4 and planning its tree", "K=4 tree ready; captioning the 4 high clips"]
+    assert re.fullmatch(r"decoding the first level of numbered\.mp4: \d+ frames to decode", lines[2])
+    assert re.fullmatch(r"decoding the first level of numbered\.mp4: \d+ frames in \d+\.\d s", lines[3])
+    rounds = lines[4:]
     assert [re.sub(r", \d+\.\d s$", "", r) for r in rounds] == [
         "round 1: get_caption((2, 3)) -> 15 words",
         "round 2: get_caption((2, 3, 1)) -> 16 words",
