@@ -23,6 +23,7 @@ from ..prep.cache import frames_dir
 from ..prep.models import ModelSpec
 from ..prep.models.base import ChatModel, ModelError
 from ..prep.options import option
+from ..prep.keyframe_snap import exact_twin
 from ..prep.segment import SegmentOptions, keep_substitutes, load_or_plan
 from ..prep.tree import TreeOptions
 from .agent import AgentOptions, AgentResult, OnTurn, Review, run_agent
@@ -137,7 +138,10 @@ class Asked:
                    if i in self.env.captions and n.get("frame_sampling")]
         return {**self.result.accounting(self.env), "segment_seconds": round(self.segment_seconds, 3),
                 "first_request_seconds": first,
-                # keyframe sampling: how far a shown frame was from its sampled time, at most (None: exact)
+                # the sampling the tree used (keyframe gives way to stored exact captions), and for
+                # keyframe sampling how far a shown frame was from its sampled time, at most
+                "frame_sampling": "keyframe" if any(n.get("frame_sampling") for n in self.env.nodes.values())
+                else "exact",
                 "frame_offset_max_seconds": max(offsets) if offsets else None}
 
 
@@ -244,11 +248,13 @@ class Navigator:
         nodes, _ = await self._timed_tree(video)
         return nodes
 
-    async def _timed_tree(self, video, on_probe: Callable[[], None] | None = None) -> tuple[list[dict], float]:
+    async def _timed_tree(self, video, on_probe: Callable[[], None] | None = None,
+                          options: SegmentOptions | None = None) -> tuple[list[dict], float]:
         """The node records and the seconds this call spent loading or segmenting them.
 
         With --captions the video's caption file is imported here too (ValueError naming it)."""
-        key = os.path.realpath(video)
+        options = options or self.segment_options
+        key = (os.path.realpath(video), options.tree.frame_sampling)
         lock = self._tree_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if key in self._trees:
@@ -256,11 +262,24 @@ class Navigator:
             if on_probe is not None:
                 on_probe()
             started = time.perf_counter()
-            nodes = await asyncio.to_thread(load_or_plan, video, self.segment_options, self.cache_dir)
+            nodes = await asyncio.to_thread(load_or_plan, video, options, self.cache_dir)
             if self.released is not None:
                 await asyncio.to_thread(self.released.load, nodes, video)
             self._trees[key] = nodes
             return nodes, time.perf_counter() - started
+
+    async def _already_captioned(self, video, nodes: list[dict], subtitles: bool) -> tuple[list[dict], float]:
+        """Keyframe sampling is for a fresh video. When the K high nodes' exact captions are already
+        stored (the video went through `lvr segment` and `lvr caption`, or an `eval`), the exact tree
+        is used instead: its first level needs no decoding and no captioning."""
+        high = [n for n in nodes if n["level"] == "high"]
+        if self.released is not None or not all(n.get("frame_sampling") for n in high):
+            return nodes, 0.0
+        captioner = self.captioner(subtitles)
+        if not all(captioner.cached(exact_twin(n)) is not None for n in high):
+            return nodes, 0.0
+        exact = replace(self.segment_options, tree=replace(self.segment_options.tree, frame_sampling="exact"))
+        return await self._timed_tree(video, options=exact)
 
     # -- questions ------------------------------------------------------------------------
 
@@ -285,6 +304,8 @@ class Navigator:
         try:
             if nodes is None:
                 nodes, segment_seconds = await self._timed_tree(video, callbacks.on_probe)
+                nodes, more = await self._already_captioned(video, nodes, subtitles)
+                segment_seconds += more
             env = VideoEnv(nodes, self.captioner(subtitles), self.video_qa(), self.profile)
             env.on_plan, env.on_frames = callbacks.on_plan, callbacks.on_frames
         except (VideoError, ValueError, ModelError, EnvError) as e:
@@ -297,7 +318,7 @@ class Navigator:
                                  template=self.template, agent=self.options.agent,
                                  review=make_review(env) if make_review else None, on_turn=callbacks.on_turn)
         first = None if reasoning.sent_at is None else reasoning.sent_at - started
-        await asyncio.to_thread(keep_substitutes, nodes, self.segment_options, self.cache_dir)
+        await asyncio.to_thread(keep_substitutes, nodes, self.cache_dir)
         return Asked(result, env, settings, str(video), result.error, segment_seconds, first)
 
     async def aclose(self) -> None:

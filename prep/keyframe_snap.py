@@ -77,3 +77,11 @@ def _nearest_keyframe(keys: Sequence[int], key_times: Sequence[float], t: float,
             if best is None or abs(key_times[p] - t) < abs(key_times[best] - t):
                 best = p
     return None if best is None else keys[best]
+
+
+def exact_twin(record: dict) -> dict:
+    """A keyframe-sampled node record as exact sampling would give it, for looking up the exact
+    caption of the same node (the caption key reads the level, span, frame count and side)."""
+    twin = {k: v for k, v in record.items() if k != "frame_sampling"}
+    twin["frame_indices"] = [None] * record["frame_sampling"]["asked"]
+    return twin

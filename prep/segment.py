@@ -446,25 +446,26 @@ def trees_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / "trees"
 
 
-def tree_cache_path(cache_dir: Path, video: Path, video_id: str, options: SegmentOptions) -> Path:
+def tree_cache_path(cache_dir: Path, video: Path, video_id: str, options: dict) -> Path:
     """<cache>/trees/<video_id>/<hash>.jsonl: where a video's records are kept for ask and eval.
 
-    The hash covers the options and the subtitle files the records' lines come from, so a sidecar
-    added, changed or removed (or a copy of the video in a folder with other sidecars) is another tree.
+    `options`: `SegmentOptions.to_record()` (the records' producer options). The hash covers them and
+    the subtitle files the records' lines come from, so a sidecar added, changed or removed (or a
+    copy of the video in a folder with other sidecars) is another tree.
     """
     import hashlib
     import json
 
-    settings = json.dumps({**options.to_record(), "subtitle_files": _subtitle_files(video, options)}, sort_keys=True)
+    settings = json.dumps({**options, "subtitle_files": _subtitle_files(video, options)}, sort_keys=True)
     return trees_dir(cache_dir) / video_id / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.jsonl"
 
 
-def _subtitle_files(video: Path, options: SegmentOptions) -> list:
-    """[name, size, mtime] of each subtitle file the options would read for this video."""
-    if not (options.use_subtitles or options.subtitles):
+def _subtitle_files(video: Path, options: dict) -> list:
+    """[path, size, mtime] of each subtitle file the options would read for this video."""
+    if not (options.get("use_subtitles") or options.get("subtitles")):
         return []
     out = []
-    for f in [Path(options.subtitles)] if options.subtitles else find_sidecars(video):
+    for f in [Path(options["subtitles"])] if options.get("subtitles") else find_sidecars(video):
         try:
             st = f.stat()
         except OSError:
@@ -510,7 +511,7 @@ def load_or_segment(path: "str | os.PathLike", options: SegmentOptions, cache_di
     from .jsonl import dumps, write_atomic
 
     path = Path(path)
-    cached = tree_cache_path(cache_dir, path, _video_id(path), options)
+    cached = tree_cache_path(cache_dir, path, _video_id(path), options.to_record())
     records = _cached_records(cached, path)
     store = FrameStore(frames_dir(Path(cache_dir)))
     if records and not records[0].get(LAZY_FRAMES) and all(store.has(k) for k in records[0].get("frame_keys", [])):
@@ -590,7 +591,7 @@ def load_or_plan(path: "str | os.PathLike", options: SegmentOptions, cache_dir: 
     from .jsonl import dumps, write_atomic
 
     path = Path(path)
-    cached = tree_cache_path(cache_dir, path, _video_id(path), options)
+    cached = tree_cache_path(cache_dir, path, _video_id(path), options.to_record())
     records = _cached_records(cached, path)
     if records:
         return records
@@ -599,12 +600,13 @@ def load_or_plan(path: "str | os.PathLike", options: SegmentOptions, cache_dir: 
     return records
 
 
-def keep_substitutes(records: list[dict], options: SegmentOptions, cache_dir: Path) -> None:
+def keep_substitutes(records: list[dict], cache_dir: Path) -> None:
     """Write a lazily planned tree back to the cache once reading it replaced frames that do not
     decode, so later runs show the same frames without decoding to find them again."""
     from .jsonl import dumps, write_atomic
 
     if records and records[0].get(LAZY_FRAMES) and any(
             r.get("substituted_frames") or r.get("qa_substituted_frames") for r in records):
-        write_atomic(tree_cache_path(cache_dir, Path(records[0]["path"]), records[0]["video_id"], options),
+        first = records[0]
+        write_atomic(tree_cache_path(cache_dir, Path(first["path"]), first["video_id"], first["producer"]["options"]),
                      "".join(dumps(r) + "\n" for r in records))

@@ -234,3 +234,25 @@ def test_parallel_span_decoding_stores_the_bytes_of_one_pass(gop_video, tmp_path
         assert spans.get(key) == one_pass.get(key), i
         assert read_frame_number(spans.image(key)) == i
     assert stats.frames_decoded < info.n_frames   # seeking, and skipping, decoded less than everything
+
+
+def test_ask_reuses_stored_exact_captions_instead_of_sampling_keyframes(gop_video, tmp_path):
+    """A video that went through `lvr segment` and `lvr caption` is answered from those captions:
+    ask's keyframe default gives way, so the first level costs no decoding and no captioning."""
+    cache = tmp_path / "cache"
+    with FakeOpenAI(scripted, models=("navigator", "captioner", "qa")) as server:
+        proc = run_lvr("segment", gop_video, "-o", tmp_path / "nodes.jsonl", "--cache-dir", cache)
+        assert proc.returncode == 0, proc.stderr
+        proc = run_lvr("caption", tmp_path / "nodes.jsonl", "--base-url", server.url, "--model", "captioner",
+                       "--cache-dir", cache, "-o", tmp_path / "captions.jsonl")
+        assert proc.returncode == 0, proc.stderr
+        before = len(server.requests)
+        proc = run_lvr("ask", gop_video, "What is shown?", "-O", "A. one", "-O", "B. two",
+                       *model_flags(server.url), "--cache-dir", cache, "--trace", tmp_path / "t.jsonl")
+        assert proc.returncode == 0, proc.stderr
+        asked = [b["model"] for b in server.requests[before:]]
+    assert "captioner" not in asked                  # every caption it read was stored
+    trace = json.loads((tmp_path / "t.jsonl").read_text())
+    assert trace["settings"]["tree"]["frame_sampling"] == "keyframe"   # what was asked for
+    assert trace["accounting"]["frame_sampling"] == "exact"            # what was used, and why
+    assert trace["accounting"]["caption_calls"]["made"] == 0
