@@ -8,23 +8,26 @@ from typing import Optional
 import typer
 
 from ..train.dpo import DpoSettings
-from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, run_trainer, say
+from ..train.vlm_dpo import VlmDpoOptions, text_only_flags
+from .common import (CacheDirOption, ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, fail_usage,
+                     run_trainer, say)
 from .model_options import TRAINING_SEED
 from .options import Group, takes
 
 
 
-@takes(training=Group(DpoSettings, build=dict), sampling=TRAINING_SEED)
+@takes(training=Group(DpoSettings, build=dict), vlm=Group(VlmDpoOptions, build=dict), sampling=TRAINING_SEED)
 def dpo_command(
     pairs: str = typer.Argument(..., metavar="PAIRS",
                                 help="Preference pairs JSONL ({\"prompt\": [...], \"chosen\": [...], \"rejected\": "
-                                     "[...]}), e.g. from `lvr synthesize --export-pairs`. '-' reads stdin "
-                                     "(single process only)."),
+                                     "[...]}), e.g. from `lvr synthesize --export-pairs`; with --vlm, lvr.vpo/1 "
+                                     "triples from `lvr vpo`. '-' reads stdin (single process only)."),
     output: Path = RequiredOutputOption,
+    cache_dir: Optional[Path] = CacheDirOption,
     dry_run: bool = DryRunOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    training=None, sampling=None,
+    training=None, vlm=None, sampling=None,
 ) -> None:
     """Preference-train a navigator (DPO) on turn-level pairs: full weights or LoRA.
 
@@ -61,7 +64,22 @@ def dpo_command(
       lvr dpo pairs.jsonl --model navigator-sft -o navigator-dpo --resume
 
       lvr ask movie.mp4 "Who opens the door?" --backend transformers --model navigator-dpo --caption-model ./qwen2.5-vl-7b
+
+    With --vlm, a vision-language model (Qwen2.5-VL, Qwen3-VL) learns from `lvr
+    vpo` triples (LongVPO): the policy sees every clip of the interleaved input,
+    and the reference log-probs are computed once before training on the anchor
+    clip(s) alone plus the question (--reference-context full: the whole input).
+    DIR then serves as `lvr caption --backend transformers --model DIR`.
+
+      lvr dpo --vlm vpo-stage1.jsonl --model Qwen/Qwen2.5-VL-7B-Instruct --cache-dir cache -o vlm-vpo1
+
+      lvr dpo --vlm vpo-stage2.jsonl --model vlm-vpo1 --cache-dir cache --lora -o vlm-vpo2
     """
+    if vlm["vlm"]:
+        _vlm_dpo(pairs, output, cache_dir, dry_run, quiet, training, vlm, sampling)
+    misplaced = text_only_flags(vlm)
+    if misplaced:
+        raise fail_usage(f"{', '.join(misplaced)} only appl{'ies' if len(misplaced) == 1 else 'y'} with --vlm")
     from ..train.dpo import load_pairs, run_dpo, summary_line
 
     def data_summary(settings) -> dict:
@@ -72,3 +90,20 @@ def dpo_command(
     run_trainer(lambda: DpoSettings(data=pairs, output=str(output), seed=sampling.seed, **training),
                 dry_run=dry_run, data_summary=data_summary,
                 train=lambda settings: run_dpo(settings, log=None if quiet else say), summary=summary_line)
+
+
+def _vlm_dpo(pairs: str, output: Path, cache_dir: Optional[Path], dry_run: bool, quiet: bool, training: dict,
+             vlm: dict, sampling) -> None:
+    """`lvr dpo --vlm`: the same run through the vision-language trainer."""
+    from ..train.vlm_dpo import VlmDpoSettings, load_triples, run_vlm_dpo, summary_line
+
+    def data_summary(settings) -> dict:
+        loaded = load_triples(settings.data, settings.max_images)
+        return {"format": "lvr.vpo/1", "records": loaded.records, "triples": len(loaded.samples),
+                "identical_left_out": loaded.identical, "stages": {str(k): v for k, v in loaded.stages.items()},
+                "max_images_per_input": loaded.images}
+
+    run_trainer(lambda: VlmDpoSettings(data=pairs, output=str(output), seed=sampling.seed,
+                                       cache_dir=str(cache_dir) if cache_dir else None, **training, **vlm),
+                dry_run=dry_run, data_summary=data_summary,
+                train=lambda settings: run_vlm_dpo(settings, log=None if quiet else say), summary=summary_line)

@@ -53,7 +53,7 @@ def vpo_command(
 
       lvr vpo qa.jsonl --nodes nodes.jsonl --similarity vision --similarity-model Qwen/Qwen2.5-VL-7B-Instruct -o vpo-stage1.jsonl
 
-      lvr vpo qa.jsonl --stage 2 --nodes nodes.jsonl --captions captions.jsonl --model Qwen/Qwen3-32B --base-url http://localhost:8000/v1 -o vpo-stage2.jsonl
+      lvr vpo qa.jsonl --stage 2 --nodes nodes.jsonl --caption-records captions.jsonl --model Qwen/Qwen3-32B --base-url http://localhost:8000/v1 -o vpo-stage2.jsonl
 
       lvr dpo --vlm vpo-stage1.jsonl --model Qwen/Qwen2.5-VL-7B-Instruct -o vlm-vpo1
     """

@@ -286,3 +286,48 @@ def build_tiny_qwen3(path: str | Path, *, vocab: str = "qwen", chat_template: st
     _set_generation_config(model, ids)
     model.save_pretrained(path)
     return path
+
+
+def build_tiny_qwen3_vl(path: str | Path, *, vocab: str = "qwen", seed: int = 0) -> Path:
+    """A Qwen3-VL checkpoint with 1-layer text and vision towers (one deepstack layer), like build_tiny_qwen_vl.
+
+    Vision keeps Qwen3-VL's patch 16 / merge 2 geometry; the processor caps images at 128x128 px
+    (at most 16 tokens each). The chat template is the Qwen2-VL one: its image parts are Qwen3-VL's.
+    """
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    ids = write_qwen_tokenizer(path, chat_template=QWEN2_VL_CHAT_TEMPLATE, vocab=vocab)
+    vocab_size = max(ids.values()) + 1
+    hidden = 32  # text head_dim 16 -> mrope_section sums to 8
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 3],
+                             "mrope_interleaved": True},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _set_generation_config(model, ids)
+    model.save_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=128 * 128, patch_size=16,
+                                               merge_size=2, temporal_patch_size=2)
+    image_processor.save_pretrained(path)
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    pre["image_processor_type"] = "Qwen2VLImageProcessor"
+    pre["processor_class"] = "Qwen3VLProcessor"
+    (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return path

@@ -167,14 +167,14 @@ class DpoRun(TrainingRun):
     cut: int = 0                       # pairs cut at max_length
 
 
-def _step_details(logs: dict) -> str:
+def step_details(logs: dict) -> str:
     """Loss, reward margin and accuracy of a logged step."""
     margin, acc = logs.get("rewards/margins"), logs.get("rewards/accuracies")
     return (f"loss {logs['loss']:.4f}" + (f" margin {margin:.4f}" if isinstance(margin, (int, float)) else "")
             + (f" acc {acc:.2f}" if isinstance(acc, (int, float)) else ""))
 
 
-def _dataset(samples: list[dict], output: Path, config, on_disk: bool):
+def preference_dataset(samples: list[dict], output: Path, config, on_disk: bool):
     """The pairs as a datasets.Dataset; on disk in OUT when every process must find the same cache files.
 
     TRL caches precomputed reference log-probs next to the dataset's files and the
@@ -194,7 +194,7 @@ def _dataset(samples: list[dict], output: Path, config, on_disk: bool):
 
 
 @contextlib.contextmanager
-def _quiet_precompute(quiet: bool):
+def quiet_precompute(quiet: bool):
     """TRL's precompute progress bar obeys TQDM_DISABLE, read when the bar is made; set it for that long only."""
     old = os.environ.get("TQDM_DISABLE")
     if quiet:
@@ -226,11 +226,11 @@ def build_trainer(settings: DpoSettings, data: PairData | None = None, *,
         ddp_find_unused_parameters=False,
         **training_arguments(settings, run.output, run.bf16),
     )
-    train_dataset = _dataset(run.data.samples, run.output, config, on_disk=settings.precompute_ref)
-    with _quiet_precompute(log is None):  # TRL's bar while it scores the pairs with the reference
+    train_dataset = preference_dataset(run.data.samples, run.output, config, on_disk=settings.precompute_ref)
+    with quiet_precompute(log is None):  # TRL's bar while it scores the pairs with the reference
         run.trainer = without_printer(DPOTrainer(
             model=run.model, args=config, train_dataset=train_dataset, processing_class=run.tokenizer,
-            peft_config=settings.peft_config(), callbacks=progress_callbacks(log, TOOL, _step_details)))
+            peft_config=settings.peft_config(), callbacks=progress_callbacks(log, TOOL, step_details)))
     run.reference = "precomputed" if settings.precompute_ref else ("adapter-off" if settings.lora else "model-copy")
     ds = run.trainer.train_dataset
     run.dropped_long = len(run.data.samples) - len(ds)
@@ -252,7 +252,7 @@ CURVE_NAMES = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies"
                "epoch": "epoch"}
 
 
-def _curve(log_history: list[dict]) -> list[dict]:
+def dpo_curve(log_history: list[dict]) -> list[dict]:
     """Per logged step: loss, reward margin and accuracy, chosen/rejected rewards and log-probs and their margin, lr."""
     curve = log_curve(log_history, CURVE_NAMES)
     for point in curve:
@@ -276,7 +276,7 @@ def run_dpo(settings: DpoSettings, *, log: Callable[[str], None] | None = None) 
     if run.main:
         shutil.rmtree(run.output / DATA_DIR, ignore_errors=True)
 
-    curve = _curve(run.trainer.state.log_history)
+    curve = dpo_curve(run.trainer.state.log_history)
     first_loss, last_loss = curve_ends(curve, "loss")
     first_margin, last_margin = curve_ends(curve, "margin")
     first_lm, last_lm = curve_ends(curve, "logp_margin")

@@ -83,6 +83,7 @@ class VisionMeasure:
         if self._loaded is None:
             import os
 
+            import transformers
             from transformers import AutoConfig, AutoModelForImageTextToText
 
             from ..prep.models.locate import config_takes_images
@@ -93,6 +94,7 @@ class VisionMeasure:
             if not config_takes_images(config):
                 raise ValueError(f"--similarity-model {self.model}: a text-only model has no vision tower")
             device, dtype = resolve_device_and_dtype(self._device, "auto")
+            transformers.logging.disable_progress_bar()  # lvr prints its own lines
             vlm = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device).eval()
             self._loaded = (vlm, load_processor(name, config).image_processor, device)
         return self._loaded

@@ -39,7 +39,6 @@ import re
 import time
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..infer.profiles import DEFAULT_QA_SYSTEM_PROMPT, LVR_PROFILE
@@ -75,9 +74,9 @@ class VpoOptions:
     nodes: str = option(MISSING, "--nodes", metavar="FILE", panel=VPO_PANEL,
                         help="lvr.node/1 records of every video, from `lvr segment --qa-frames` (the clips' "
                              "video_qa frames and where they are).")
-    captions: str | None = option(None, "--captions", metavar="FILE", panel=VPO_PANEL,
-                                  help="lvr.caption/1 records of every video, from `lvr caption` (stage 2: what "
-                                       "the writer reads about each clip).")
+    caption_records: str | None = option(None, "--caption-records", metavar="FILE", panel=VPO_PANEL,
+                                         help="lvr.caption/1 records of every video, from `lvr caption` (stage 2: "
+                                              "what the writer reads about each clip).")
     distractors: int = option(3, "--distractors", min=1, panel=VPO_PANEL,
                               help="Distractor clips interleaved with the anchor(s) in each triple.")
     same_video_share: float = option(0.5, "--same-video-share", min=0.0, max=1.0, panel=VPO_PANEL,
@@ -233,17 +232,32 @@ class ClipPicker:
         return same, other
 
     def pick(self, q: Question, *, prefer: Iterable[tuple[str, NodeId]] = ()) -> Clips:
-        anchors = self._anchor_nodes(q)
-        anchor_keys = [(q.video_id, a) for a in q.anchors]
-        same, other = self._pools(q)
-        wanted = self.o.distractors
-        want_same = min(len(same), round(wanted * self.o.same_video_share))
-        accepted: list[tuple[tuple[str, NodeId], float]] = []
-        excluded: list[dict] = []
-        tried: set = set()
+        """The clips of q's triple: anchors placed among distractors that passed the visual filter.
 
+        `prefer` lists leaves of q's video to try first (the first far one that passes is used).
+        """
+        anchors = self._anchor_nodes(q)
+        accepted, excluded = self._draw(q, prefer)
+        clips = self._place(q, anchors, accepted)
+        clips.excluded = excluded
+        for letter, leaf in sorted(q.sources.items()):
+            n = next((i for i, c in enumerate(clips.sequence, 1)
+                      if c["role"] == "distractor" and c["video_id"] == q.video_id and tuple(c["id"]) == leaf), None)
+            if n is not None and letter != q.answer:
+                clips.source_clip = (n, letter)
+                break
+        return clips
+
+    def _draw(self, q: Question, prefer: Iterable[tuple[str, NodeId]]) -> tuple[list[tuple], list[dict]]:
+        """(accepted distractors as ((video_id, leaf), similarity), those left out as look-alikes)."""
+        anchor_keys = [(q.video_id, a) for a in q.anchors]
         for a in anchor_keys:  # an anchor whose frames cannot be read fails the question (Skip)
             self.looks.features(a)
+        same, other = self._pools(q)
+        wanted = self.o.distractors
+        accepted: list[tuple] = []
+        excluded: list[dict] = []
+        tried: set = set()
 
         def consider(key) -> bool:
             if key in tried:
@@ -260,10 +274,12 @@ class ClipPicker:
             return True
 
         far = set(same)
-        for key in prefer:  # the first usable far leaf a wrong option was drawn from
+        for key in prefer:
             if key in far and consider(key):
                 break
-        for pool, goal in ((same, want_same), (other, wanted), (same, wanted)):
+        # The same video's share first, then other videos, then the same video again if they run short.
+        for pool, goal in ((same, min(len(same), round(wanted * self.o.same_video_share))), (other, wanted),
+                           (same, wanted)):
             for key in pool:
                 if len(accepted) >= goal:
                     break
@@ -271,26 +287,24 @@ class ClipPicker:
         if len(accepted) < wanted:
             raise Skip(f"only {len(accepted)} of {wanted} distractor clips are below similarity "
                        f"{self.o.threshold:g} to the anchor ({len(excluded)} left out as look-alikes)")
+        return accepted[:wanted], excluded
+
+    def _place(self, q: Question, anchors: list[dict], accepted: list[tuple]) -> Clips:
+        """Anchors in time order at seeded random positions; the distractors, shuffled, around them."""
         rng = seeded_rng(self.o.seed, q.qid, "positions")
-        distractors = accepted[:wanted]
+        distractors = list(accepted)
         rng.shuffle(distractors)
-        slots = sorted(rng.sample(range(wanted + len(anchors)), len(anchors)))
-        sequence, d = [], iter(distractors)
-        anchor_iter = iter(anchors)
-        for i in range(wanted + len(anchors)):
+        count = len(distractors) + len(anchors)
+        slots = sorted(rng.sample(range(count), len(anchors)))
+        anchor_iter, distractor_iter = iter(anchors), iter(distractors)
+        sequence = []
+        for i in range(count):
             if i in slots:
                 sequence.append(clip_entry(next(anchor_iter), "anchor", None))
             else:
-                (vid, leaf), sim = next(d)
+                (vid, leaf), sim = next(distractor_iter)
                 sequence.append(clip_entry(self.leaves[vid][leaf], "distractor", sim))
-        clips = Clips(sequence, [s + 1 for s in slots], excluded)
-        for letter, leaf in sorted(q.sources.items()):
-            n = next((i for i, c in enumerate(sequence, 1)
-                      if c["role"] == "distractor" and c["video_id"] == q.video_id and tuple(c["id"]) == leaf), None)
-            if n is not None and letter != q.answer:
-                clips.source_clip = (n, letter)
-                break
-        return clips
+        return Clips(sequence, [s + 1 for s in slots], [])
 
 
 # -- records ----------------------------------------------------------------------------------------
@@ -312,14 +326,14 @@ def triple_record(q: Question, stage: int, clips: Clips, chosen: str, rejected: 
     }
 
 
-def stage1_answers(q: Question, clips: Clips) -> tuple[str, str, str, int | None]:
+def stage1_answers(q: Question, clips: Clips, seed: int) -> tuple[str, str, str, int | None]:
     """(chosen, rejected, rejected_source, rejected_clip) of a stage-1 triple."""
     chosen = q.options[LETTERS.index(q.answer)]
     if clips.source_clip is not None:
         n, letter = clips.source_clip
         return chosen, q.options[LETTERS.index(letter)], SOURCE_CLIP, n
     wrong = [x for x in LETTERS[:len(q.options)] if x != q.answer]
-    letter = seeded_rng(0, q.qid, "rejected").choice(wrong)
+    letter = seeded_rng(seed, q.qid, "rejected").choice(wrong)
     return chosen, q.options[LETTERS.index(letter)], SOURCE_OPTION, None
 
 
@@ -381,11 +395,11 @@ def check_written(obj: dict, q: Question, clips: Clips, wrong_clip: int) -> tupl
     return chosen, rejected
 
 
-def wrong_clip_of(q: Question, clips: Clips) -> int:
+def wrong_clip_of(q: Question, clips: Clips, seed: int) -> int:
     """The distractor a stage-2 rejected answer rests on: seeded, from the anchor's own video when one is there."""
     distractors = [i for i, c in enumerate(clips.sequence, 1) if c["role"] == "distractor"]
     own = [i for i in distractors if clips.sequence[i - 1]["video_id"] == q.video_id]
-    return seeded_rng(0, q.qid, "wrong clip").choice(own or distractors)
+    return seeded_rng(seed, q.qid, "wrong clip").choice(own or distractors)
 
 
 # -- anchor positions -------------------------------------------------------------------------------
@@ -517,7 +531,7 @@ def _caption_lookup(path: str | None) -> tuple[Callable[[dict], str], list[str]]
     from .caption_trees import load_caption_trees
 
     if path is None:
-        raise VpoError("--stage 2 needs --captions (the lvr.caption/1 records the writer reads)")
+        raise VpoError("--stage 2 needs --caption-records (the lvr.caption/1 records the writer reads)")
     try:
         trees, errors = load_caption_trees(path)
     except RecordError as e:
@@ -527,7 +541,8 @@ def _caption_lookup(path: str | None) -> tuple[Callable[[dict], str], list[str]]
     def caption(clip: dict) -> str:
         tree = by_video.get(clip["video_id"])
         if tree is None:
-            raise Skip(f"video {clip.get('video') or clip['video_id']} has no complete caption tree in --captions")
+            raise Skip(f"video {clip.get('video') or clip['video_id']} has no complete caption tree in "
+                       "--caption-records")
         return tree.nodes[tuple(clip["id"])]["caption"]
 
     return caption, errors
@@ -553,7 +568,7 @@ def run_vpo(source: str, output: "str | os.PathLike | None", options: VpoOptions
     leaves, errors = load_leaves(options.nodes)
     caption = None
     if options.stage == 2:
-        caption, caption_errors = _caption_lookup(options.captions)
+        caption, caption_errors = _caption_lookup(options.caption_records)
         errors += caption_errors
     for e in errors:
         log(f"error: {e}")
@@ -587,7 +602,7 @@ def run_vpo(source: str, output: "str | os.PathLike | None", options: VpoOptions
                 except Skip as e:
                     failed(q, str(e))
                     continue
-                wrote(triple_record(q, 1, clips, *stage1_answers(q, clips), looks, options, producer))
+                wrote(triple_record(q, 1, clips, *stage1_answers(q, clips, options.seed), looks, options, producer))
         elif todo:
             asyncio.run(_stage2(todo, picker, caption, model, options, producer, summary, wrote, failed))
         summary.positions = position_check(out.existing + written)
@@ -609,7 +624,7 @@ async def _stage2(todo: list[Question], picker: ClipPicker, caption, model, opti
         usage = Usage()
         try:
             clips = picker.pick(q)
-            wrong = wrong_clip_of(q, clips)
+            wrong = wrong_clip_of(q, clips, options.seed)
             messages = writer_messages(q, clips, [caption(c) for c in clips.sequence], wrong)
             chosen, rejected = await asker.ask_json(
                 messages, lambda obj: check_written(obj, q, clips, wrong), usage, temperature=options.temperature,
