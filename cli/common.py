@@ -30,7 +30,7 @@ EXIT_USAGE = 2
 # Names of every subcommand, so a config table for another command is not
 # mistaken for an option.
 COMMAND_NAMES = ("segment", "caption", "ask", "eval", "synthesize", "sft", "rl",
-                 "questions", "dpo", "doctor", "protocol", "vpo")
+                 "questions", "dpo", "doctor", "protocol", "vpo", "transcribe")
 
 
 def _read_config(path: Path) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import ask, caption, doctor, dpo, eval, protocol, questions, rl, segment, sft, synthesize, vpo
+from . import ask, caption, doctor, dpo, eval, protocol, questions, rl, segment, sft, synthesize, transcribe, vpo
 
 app = typer.Typer(
     name="lvr",
@@ -46,6 +46,7 @@ COMMANDS = {
     "doctor": doctor.doctor_command,
     "protocol": protocol.protocol_command,
     "vpo": vpo.vpo_command,
+    "transcribe": transcribe.transcribe_command,
 }
 for _name, _func in COMMANDS.items():
     app.command(_name)(_func)

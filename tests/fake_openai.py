@@ -19,13 +19,21 @@ Like vLLM, `strict_models=True` answers 404 to a model name not in `models`, and
 request with more images. With `api_key=KEY`, every request without
 "Authorization: Bearer KEY" gets a 401 that echoes the key it was sent (as some servers do).
 `models_status=500` makes GET /v1/models fail with that status (chat still works).
+
+POST /v1/audio/transcriptions (multipart/form-data, as OpenAI, vLLM and `transformers serve`
+take it) is answered too: each request's form fields and uploaded file are recorded in
+`server.transcriptions` ({"fields": {...}, "file": bytes, "filename": str}), and the reply is
+`transcribe(request)`, a verbose_json body (default: one segment "speech" running the whole
+WAV). The same `faults` queue applies, one fault per transcription request.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
+import wave
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -53,6 +61,41 @@ def prompt_image_count(body: dict) -> int:
                for part in message["content"] if isinstance(part, dict) and part.get("type") == "image_url")
 
 
+def wav_seconds(data: bytes) -> float:
+    """The length of a WAV file's audio, in seconds."""
+    with wave.open(io.BytesIO(data), "rb") as w:
+        return w.getnframes() / w.getframerate()
+
+
+def whole_file_segment(request: dict) -> dict:
+    """The default transcription: one segment, "speech", running the whole uploaded WAV."""
+    seconds = wav_seconds(request["file"])
+    return {"task": "transcribe", "language": "english", "duration": seconds, "text": "speech",
+            "segments": [{"id": 0, "start": 0.0, "end": seconds, "text": "speech", "avg_logprob": -0.2,
+                          "no_speech_prob": 0.01}]}
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None, str | None]:
+    """(form fields, the uploaded file's bytes, its file name) of a multipart/form-data body."""
+    boundary = content_type.split("boundary=", 1)[1].strip().strip('"').encode()
+    fields: dict[str, str] = {}
+    upload, filename = None, None
+    for part in body.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, data = part.partition(b"\r\n\r\n")
+        data = data[:-2] if data.endswith(b"\r\n") else data
+        disposition = next((line for line in head.decode().split("\r\n")
+                            if line.lower().startswith("content-disposition")), "")
+        params = dict(p.strip().split("=", 1) for p in disposition.split(";")[1:] if "=" in p)
+        name = params.get("name", "").strip('"')
+        if "filename" in params:
+            upload, filename = data, params["filename"].strip('"')
+        else:
+            fields[name] = data.decode()
+    return fields, upload, filename
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -63,8 +106,11 @@ class _Server(ThreadingHTTPServer):
 class FakeOpenAI:
     def __init__(self, reply: Callable[[dict], str] | str = "ok", *, latency_s: float = 0.0,
                  models: tuple[str, ...] | list[str] = ("fake-model",), max_images: int | None = None,
-                 api_key: str | None = None, strict_models: bool = False, models_status: int = 200):
+                 api_key: str | None = None, strict_models: bool = False, models_status: int = 200,
+                 transcribe: Callable[[dict], dict] = whole_file_segment):
         self.reply = reply
+        self.transcribe = transcribe
+        self.transcriptions: list[dict] = []
         self.models_status = models_status
         self.strict_models = strict_models
         self.max_images = max_images
@@ -179,6 +225,9 @@ class FakeOpenAI:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
+                if self.path.rstrip("/") == "/v1/audio/transcriptions":
+                    self._transcription(raw)
+                    return
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
@@ -201,6 +250,40 @@ class FakeOpenAI:
                 finally:
                     with fake._lock:
                         fake.active -= 1
+
+            def _transcription(self, raw: bytes) -> None:
+                if self._refuse_key():
+                    return
+                try:
+                    fields, upload, filename = parse_multipart(self.headers.get("Content-Type") or "", raw)
+                except (IndexError, ValueError, UnicodeDecodeError):
+                    self._send(400, {"error": {"message": "body is not multipart/form-data"}})
+                    return
+                if upload is None:
+                    self._send(400, {"error": {"message": "no file uploaded"}})
+                    return
+                request = {"fields": fields, "file": upload, "filename": filename}
+                with fake._lock:
+                    fake.transcriptions.append(request)
+                    fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+                try:
+                    fault = fake._next_fault()
+                    if fault is None:
+                        self._send(200, fake.transcribe(request))
+                    elif fault[0] == "status":
+                        code = fault[1]
+                        self._send(code, fault[3] if len(fault) > 3 else {
+                            "error": {"message": f"fake error {code}", "type": "fake", "code": code}},
+                            fault[2] if len(fault) > 2 else {})
+                    elif fault[0] == "hang":
+                        fake._stopping.wait(fault[1])
+                        self._send(200, fake.transcribe(request))
+                    elif fault[0] == "json":
+                        self._send(200, fault[1])
+                    else:
+                        raise ValueError(f"fault {fault!r} is not one a transcription request takes")
+                except ConnectionError:
+                    pass  # the client gave up (timeouts); nothing to tell it
 
             def _serve(self, body: dict) -> None:
                 if fake.latency_s:

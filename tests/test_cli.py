@@ -27,6 +27,8 @@ DEFAULT_END_TO_END = {
     "rl": "test_rl.py::test_one_step_masks_tool_results_not_model_tokens",
     "doctor": "test_doctor.py::test_all_ok_exit_0_and_requests_sent",
     "protocol": "test_released_data.py::test_protocol_extract_writes_each_system_prompt_byte_for_byte",
+    "vpo": "test_vpo_data.py::test_vpo_stage1_end_to_end",
+    "transcribe": "test_transcribe.py::test_transcribe_end_to_end",
 }
 
 # Collects as a plain `pytest` run does (pyproject's addopts deselect `slow`) and prints each

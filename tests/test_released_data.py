@@ -594,3 +594,20 @@ def test_the_folder_digest_follows_names_and_contents(tmp_path):
     second = folder_digest(tmp_path.glob("*.json"))
     (tmp_path / "b.json").rename(tmp_path / "c.json")
     assert len({first, second, folder_digest(tmp_path.glob("*.json"))}) == 3
+
+
+def test_an_extracted_prompt_reaches_the_navigator_unchanged(released, tmp_path):
+    """`lvr protocol extract` on the user's copy of the SFT data, then `ask --protocol longvideo-r1
+    --system-prompt` that file: the navigator's system message is the samples' prompt, byte for byte
+    (its leading and trailing whitespace included)."""
+    data = write_json_list(tmp_path / "sft.json", [*alpaca_samples("q1"), sharegpt_sample("q2")])
+    prompts = tmp_path / "prompts"
+    assert run_lvr("protocol", "extract", data, "-o", prompts).returncode == 0
+    with FakeOpenAI(navigator, models=("navigator",), strict_models=True) as server:
+        proc = run_lvr("ask", released["videos"] / "numbers.mp4", "Which?", "-O", "odd", "-O", "even",
+                       "--protocol", "longvideo-r1", "--system-prompt", prompts / "system-K4.txt",
+                       "--captions", released["captions"], "--base-url", server.url, "--model", "navigator",
+                       "--cache-dir", tmp_path / "cache", "-q")
+    assert proc.returncode == 0, proc.stderr
+    sent = [b["messages"][0] for b in server.requests]
+    assert sent and all(m == {"role": "system", "content": SYSTEM_K4} for m in sent)

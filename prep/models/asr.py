@@ -148,8 +148,9 @@ class OpenAITranscriber:
                                        max_retries=max_retries, backoff_base_s=backoff_base_s,
                                        backoff_max_s=backoff_max_s)
         self.name = model
-        self.batch = concurrency * len(self.endpoint.base_urls)
-        self.requests = 0
+        # Twice what may be in flight: the semaphore always has a window queued while a batch's
+        # slowest requests finish.
+        self.batch = 2 * concurrency
 
     def __repr__(self) -> str:
         return self.endpoint.redact(f"OpenAITranscriber(model={self.name!r}, base_urls={self.endpoint.base_urls!r})")
@@ -167,9 +168,7 @@ class OpenAITranscriber:
         if language:
             form["language"] = language
         files = {"file": ("audio.wav", wav_bytes(samples, SAMPLE_RATE), "audio/wav")}
-        result = await self.endpoint.post(TRANSCRIPTIONS_PATH, transcription_reply, data=form, files=files)
-        self.requests += 1
-        return result
+        return await self.endpoint.post(TRANSCRIPTIONS_PATH, transcription_reply, data=form, files=files)
 
     async def transcribe(self, windows: list["np.ndarray"], language: str | None) -> list[WindowTranscript]:
         return list(await asyncio.gather(*(self._one(w, language) for w in windows)))
