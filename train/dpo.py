@@ -276,27 +276,34 @@ def run_dpo(settings: DpoSettings, *, log: Callable[[str], None] | None = None) 
     if run.main:
         shutil.rmtree(run.output / DATA_DIR, ignore_errors=True)
 
-    curve = dpo_curve(run.trainer.state.log_history)
-    first_loss, last_loss = curve_ends(curve, "loss")
-    first_margin, last_margin = curve_ends(curve, "margin")
-    first_lm, last_lm = curve_ends(curve, "logp_margin")
     record = run_record(
         run, trained, schema=SCHEMA, tool=TOOL, started=started, head={**settings.layout(), "reference": run.reference},
         data={"path": run.data.path, "format": run.data.format, "records": run.data.records,
               "pairs": len(run.data.samples), "identical_left_out": run.data.identical,
               "sources": dict(run.data.sources), "prompt_too_long": run.dropped_long, "cut_at_max_length": run.cut},
-        results={"first_loss": first_loss, "last_loss": last_loss, "first_margin": first_margin,
-                 "last_margin": last_margin, "first_logp_margin": first_lm, "last_logp_margin": last_lm,
-                 "curve": curve})
+        results=preference_results(run.trainer.state.log_history))
     write_record(run, RECORD_FILE, record)
     return record
 
 
-def summary_line(record: dict) -> str:
-    data = record["data"]
+def preference_results(log_history: list[dict]) -> dict:
+    """A preference run's results for its record: the loss and margin curve, and its ends."""
+    curve = dpo_curve(log_history)
+    results = {}
+    for name, key in (("loss", "loss"), ("margin", "margin"), ("logp_margin", "logp_margin")):
+        results[f"first_{name}"], results[f"last_{name}"] = curve_ends(curve, key)
+    return {**results, "curve": curve}
+
+
+def loss_and_margin(record: dict) -> str:
+    """'loss a -> b, reward margin c -> d' of a preference run's record."""
     loss = (f"loss {record['first_loss']:.4f} -> {record['last_loss']:.4f}"
             if record["first_loss"] is not None else "no loss logged")
     margin = (f", reward margin {record['first_margin']:.4f} -> {record['last_margin']:.4f}"
               if record["first_margin"] is not None else "")
-    return (f"lvr dpo: {data['pairs']} pairs, {record['steps']} steps, {loss}{margin}, "
+    return loss + margin
+
+
+def summary_line(record: dict) -> str:
+    return (f"lvr dpo: {record['data']['pairs']} pairs, {record['steps']} steps, {loss_and_margin(record)}, "
             f"{record['seconds']:.1f} s; {record['layout']} model in {record['output']}")

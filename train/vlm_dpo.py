@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..prep.options import option
-from .dpo import (DATA_DIR, RECORD_FILE, SCHEMA, TOOL, DpoError, DpoSettings, dpo_curve, preference_dataset,
+from .dpo import (DATA_DIR, RECORD_FILE, SCHEMA, TOOL, DpoError, DpoSettings, loss_and_margin, preference_dataset, preference_results,
                   quiet_precompute, step_details)
-from .trainer_kit import (ADAPTER_DIR, TrainingRun, check_model, check_output_folder, curve_ends, progress_callbacks,
+from .trainer_kit import (ADAPTER_DIR, TrainingRun, check_model, check_output_folder, progress_callbacks,
                           quiet_libraries, resolve_bf16, run_record, train, training_arguments, without_printer,
                           world_size, write_record)
 from .vpo_data import answer_message, check_triple, per_clip_budget, triple_messages
@@ -343,10 +343,6 @@ def run_vlm_dpo(settings: VlmDpoSettings, *, log: Callable[[str], None] | None =
     if run.main:
         shutil.rmtree(run.output / DATA_DIR, ignore_errors=True)
 
-    curve = dpo_curve(run.trainer.state.log_history)
-    first_loss, last_loss = curve_ends(curve, "loss")
-    first_margin, last_margin = curve_ends(curve, "margin")
-    first_lm, last_lm = curve_ends(curve, "logp_margin")
     record = run_record(
         run, trained, schema=SCHEMA, tool=TOOL, started=started,
         head={**settings.layout(), "vlm": True, "reference": run.reference},
@@ -354,19 +350,12 @@ def run_vlm_dpo(settings: VlmDpoSettings, *, log: Callable[[str], None] | None =
               "triples": len(run.data.samples), "identical_left_out": run.data.identical,
               "stages": {str(k): v for k, v in sorted(run.data.stages.items())},
               "max_images_per_input": run.data.images},
-        results={"first_loss": first_loss, "last_loss": last_loss, "first_margin": first_margin,
-                 "last_margin": last_margin, "first_logp_margin": first_lm, "last_logp_margin": last_lm,
-                 "curve": curve})
+        results=preference_results(run.trainer.state.log_history))
     write_record(run, RECORD_FILE, record)
     return record
 
 
 def summary_line(record: dict) -> str:
-    data = record["data"]
-    loss = (f"loss {record['first_loss']:.4f} -> {record['last_loss']:.4f}"
-            if record["first_loss"] is not None else "no loss logged")
-    margin = (f", reward margin {record['first_margin']:.4f} -> {record['last_margin']:.4f}"
-              if record["first_margin"] is not None else "")
-    return (f"lvr dpo: {data['triples']} triples, {record['steps']} steps, {loss}{margin}, reference "
+    return (f"lvr dpo: {record['data']['triples']} triples, {record['steps']} steps, {loss_and_margin(record)}, reference "
             f"{record['reference'].removeprefix('precomputed-')}, {record['seconds']:.1f} s; {record['layout']} "
             f"model in {record['output']}")
