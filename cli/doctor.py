@@ -9,19 +9,21 @@ import typer
 
 from ..prep.models import ConnectionOptions, RoleOptions
 from .common import EXIT_OK, EXIT_SOME_FAILED, ConfigOption, QuietOption
-from .model_options import MAIN_ROLE
+from .model_options import MAIN_ROLE, TRANSCRIBE_ROLE
 from .options import Group, takes
 
 MODEL_PANEL = "Main model"
 CAPTION_PANEL = "Captioning model (default: the main model)"
 QA_PANEL = "video_qa model (default: the captioning model)"
+SPEECH_PANEL = "Speech model (--transcribe; endpoint and key default to the main model's)"
 # A preflight should answer quickly: 30 s per request instead of a run's 120 s.
 DOCTOR_CONNECTION = Group(ConnectionOptions, only=("timeout", "device"), defaults={"timeout": 30.0}, panel=MODEL_PANEL)
 
 
 @takes(main=MAIN_ROLE.with_panel(MODEL_PANEL), connection=DOCTOR_CONNECTION,
        caption=Group(RoleOptions, prefix="caption", exclude=("api_key",), panel=CAPTION_PANEL),
-       qa=Group(RoleOptions, prefix="qa", exclude=("api_key",), panel=QA_PANEL))
+       qa=Group(RoleOptions, prefix="qa", exclude=("api_key",), panel=QA_PANEL),
+       speech=Group(RoleOptions, prefix=TRANSCRIBE_ROLE.prefix, exclude=("api_key",), panel=SPEECH_PANEL))
 def doctor_command(
     images: int = typer.Option(16, "--images", min=1, metavar="N",
                                help="Images in the test request. video_qa sends 16; captioning sends "
@@ -31,7 +33,7 @@ def doctor_command(
                                         "Caption and video_qa models are always checked with images."),
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    main=None, connection=None, caption=None, qa=None,
+    main=None, connection=None, caption=None, qa=None, speech=None,
 ) -> None:
     """Check that tools and models are ready, and say what to fix.
 
@@ -46,6 +48,9 @@ def doctor_command(
     key, and the video_qa role to the caption role's, exactly as in `lvr ask`;
     a role is checked when any of its options is given,
     and roles that resolve to the same model and endpoint are checked once.
+    A speech model (--transcribe-model, for --transcribe) is checked when
+    given: its endpoint lists it and answers a one-second silent WAV, or, in
+    process, its config and processor load.
 
     Prints one line per check (ok, FAIL with a fix: line, or skip).
     Exit status: 0 all checks passed, 1 some failed, 2 usage error.
@@ -58,10 +63,14 @@ def doctor_command(
 
       lvr doctor --model ./navigator --text-only --qa-model Qwen/Qwen2.5-VL-7B-Instruct --qa-base-url http://gpu:8000/v1
 
+      lvr doctor --transcribe-model openai/whisper-large-v3 --transcribe-base-url http://localhost:8002/v1
+
       lvr doctor --config run.yaml
     """
     from ..infer.doctor import run_doctor
-    from ..prep.models import ModelSpec, resolve_roles
+    from dataclasses import replace
+
+    from ..prep.models import ModelSpec, resolve_roles, role_spec
 
     common = dict(timeout_s=connection.timeout, max_retries=1, device=connection.device, concurrency=1)
     # The same fallback chain as ask, eval and synthesize: caption <- main, qa <- caption.
@@ -72,6 +81,10 @@ def doctor_command(
              "caption": bool(caption.backend or caption.model or caption.base_url),
              "qa": bool(qa.backend or qa.model or qa.base_url)}
     roles: dict[str, ModelSpec] = {role: spec for role, (_, spec) in zip(given, resolved.items()) if given[role]}
+    speech_spec = None
+    if speech.backend or speech.model or speech.base_url:   # never the main model: a speech model is another
+        speech_spec = replace(role_spec(resolved.reasoning, speech.backend, speech.model, tuple(speech.base_url),
+                                        None), model=speech.model)
     vision_roles = [r for r in roles if r != "main" or not text_only]
 
     def show(check) -> None:
@@ -80,7 +93,7 @@ def doctor_command(
         for line in check.lines():
             typer.echo(line)
 
-    checks = run_doctor(roles, images=images, vision_roles=vision_roles, on_check=show)
+    checks = run_doctor(roles, images=images, vision_roles=vision_roles, on_check=show, speech=speech_spec)
     failed = [c for c in checks if not c.ok]
     if not quiet:
         passed = sum(1 for c in checks if c.ok and not c.skipped)

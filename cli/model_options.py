@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..infer.agent import AgentOptions
 from ..infer.navigator import CaptionFiles
 from ..prep.models import ConnectionOptions, RoleOptions, SamplingOptions
+from ..prep.transcribe import TranscribeOptions, TranscribeSwitch
 from ..prep.tree import TreeOptions
 from .options import Bundle, Group
 
@@ -19,6 +20,7 @@ MAIN_PANEL = "Reasoning model"
 CAPTION_PANEL = "Caption model (defaults to the reasoning model's settings)"
 QA_PANEL = "video_qa model (defaults to the caption model's settings)"
 AGENT_PANEL = "Navigation"
+TRANSCRIBE_PANEL = "Speech transcripts (--transcribe)"
 
 MAIN_ROLE = Group(RoleOptions, defaults={"backend": "auto"}, panel=MAIN_PANEL)
 CONNECTION = Group(ConnectionOptions, panel=MAIN_PANEL)
@@ -33,14 +35,47 @@ QA_SAMPLING = Group(SamplingOptions, prefix="qa", only=("max_tokens", "system_pr
 CAPTION_FILES = Group(CaptionFiles, panel=CAPTION_PANEL)
 AGENT = Group(AgentOptions)
 TREE = Group(TreeOptions)
+# --transcribe: the speech model is a role of its own (--transcribe-model, --transcribe-base-url, ...).
+TRANSCRIBE_SWITCH = Group(TranscribeSwitch, panel=TRANSCRIBE_PANEL)
+TRANSCRIBE_ROLE = Group(RoleOptions, prefix="transcribe", panel=TRANSCRIBE_PANEL)
+TRANSCRIBE_SETTINGS = Group(TranscribeOptions, panel=TRANSCRIBE_PANEL)
 # `ask` answers about a fresh video while the user waits: keyframe sampling (see its help and
 # bench/ask_cold_start.py) sends a long video's first request within seconds, not after a full decode.
 ASK_TREE = Group(TreeOptions, defaults={"frame_sampling": "keyframe"})
 
 
+def transcription(switch: TranscribeSwitch, role: RoleOptions, settings: TranscribeOptions,
+                  connection: ConnectionOptions, main=None):
+    """--transcribe's Transcription (None without it; its cache_dir is the run's, set by the step).
+
+    The speech model's backend, endpoints and key fall back to the main role's (`main`, a
+    ModelSpec; none in segment) like the other roles', never its model: a speech model is
+    another model. ModelError, VadUnavailable: a setting that cannot run, before any video.
+    """
+    from dataclasses import replace
+
+    from ..prep.audio import VadUnavailable
+    from ..prep.models import role_spec
+    from ..prep.models.base import ModelError
+    from ..prep.transcribe import Transcription
+
+    if not switch.transcribe:
+        return None
+    spec = connection.spec(role) if main is None else \
+        role_spec(main, role.backend, role.model, tuple(role.base_url), role.api_key)
+    found = Transcription(replace(spec, model=role.model), settings)
+    try:
+        found.identity()   # fails now, not at the first video
+    except (ModelError, VadUnavailable) as e:
+        raise ValueError(str(e)) from None   # a usage error, one line
+    return found
+
+
 def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling: SamplingOptions,
                       caption: RoleOptions, caption_sampling: SamplingOptions, files: CaptionFiles, qa: RoleOptions,
-                      qa_sampling: SamplingOptions, agent: AgentOptions, tree: TreeOptions):
+                      qa_sampling: SamplingOptions, agent: AgentOptions, tree: TreeOptions,
+                      switch: TranscribeSwitch = TranscribeSwitch(), speech: RoleOptions = RoleOptions(),
+                      speech_settings: TranscribeOptions = TranscribeOptions()):
     """The navigator bundle's groups -> NavigatorOptions."""
     from dataclasses import replace
 
@@ -57,12 +92,14 @@ def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling
         agent=replace(agent, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed),
         tree=tree, captioning=captioning, system_prompt_file=sampling.system_prompt,
         caption_prompt_file=caption_sampling.system_prompt, qa_prompt_file=qa_sampling.system_prompt,
-        qa_max_tokens=qa_sampling.max_tokens, captions_dir=files.captions)
+        qa_max_tokens=qa_sampling.max_tokens, captions_dir=files.captions,
+        transcription=transcription(switch, speech, speech_settings, connection, roles.reasoning))
 
 
+TRANSCRIBE_GROUPS = (TRANSCRIBE_SWITCH, TRANSCRIBE_ROLE, TRANSCRIBE_SETTINGS)
 NAVIGATOR = Bundle((MAIN_ROLE, CONNECTION, NAVIGATOR_SAMPLING, CAPTION_ROLE, CAPTION_SAMPLING, CAPTION_FILES, QA_ROLE,
-                    QA_SAMPLING, AGENT, TREE), build=navigator_options)
-ASK_NAVIGATOR = Bundle(NAVIGATOR.groups[:-1] + (ASK_TREE,), build=navigator_options)
+                    QA_SAMPLING, AGENT, TREE, *TRANSCRIBE_GROUPS), build=navigator_options)
+ASK_NAVIGATOR = Bundle(NAVIGATOR.groups[:9] + (ASK_TREE, *TRANSCRIBE_GROUPS), build=navigator_options)
 
 
 # `lvr rl` trains the reasoning model in process; it takes the other roles, the tree, the prompt and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,11 +11,16 @@ import typer
 from ..prep.segment import SegmentOptions
 from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, NoSubtitlesOption, OutputOption,
                      QuietOption, fail_usage, say)
-from .model_options import TREE
-from .options import Group, takes
+from .model_options import (CONNECTION, TRANSCRIBE_PANEL, TRANSCRIBE_ROLE, TRANSCRIBE_SETTINGS, TRANSCRIBE_SWITCH,
+                            TREE, transcription)
+from .options import Bundle, Group, takes
+
+# The speech model is segment's only model: the connection settings are its own.
+TRANSCRIPTION = Bundle((TRANSCRIBE_SWITCH, TRANSCRIBE_ROLE, TRANSCRIBE_SETTINGS, CONNECTION.with_panel(TRANSCRIBE_PANEL)),
+                       build=transcription)
 
 
-@takes(frames=Group(SegmentOptions, build=dict), tree=TREE)
+@takes(frames=Group(SegmentOptions, build=dict), tree=TREE, speech=TRANSCRIPTION)
 def segment_command(
     videos: List[str] = typer.Argument(..., metavar="VIDEO...",
                                        help="Video files, directories (searched recursively) or globs."),
@@ -31,7 +37,7 @@ def segment_command(
                                    "instead of one exact re-encode pass."),
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    tree=None, frames=None,
+    tree=None, frames=None, speech=None,
 ) -> None:
     """Cut videos into the hierarchical clip tree and store the frames it needs.
 
@@ -41,7 +47,10 @@ def segment_command(
     records are written together, and a rerun over the same -o file skips
     videos already there. A sampled frame that does not decode is replaced by
     the nearest one of the same node that does (listed in the record's
-    substituted_frames).
+    substituted_frames). With --transcribe, a video with no subtitles gets
+    the transcript of its speech instead (made as `lvr transcribe` makes it,
+    and cached with its transcripts); each record's subtitle lines say where
+    they came from (source: subtitles or transcript).
 
     Exit status: 0 all videos done, 1 some failed (each named on stderr), 2 usage error.
 
@@ -52,6 +61,8 @@ def segment_command(
       lvr segment ~/videos/ 'clips/*.avi' --qa-frames -o nodes.jsonl
 
       lvr segment talk.mkv --subtitles talk.en.srt --clips leaves/ -o talk.jsonl
+
+      lvr segment lectures/ --transcribe --transcribe-model openai/whisper-large-v3 --transcribe-base-url http://localhost:8002/v1 -o nodes.jsonl
 
       lvr segment movie.mp4 --min-width 3 | jq -c 'select(.level == "high")'
     """
@@ -64,9 +75,14 @@ def segment_command(
         raise fail_usage("--subtitles names one file, so give exactly one video")
     if copy and clips is None:
         raise fail_usage("--copy only applies with --clips DIR")
+    if speech is not None and no_subtitles:
+        raise fail_usage("--transcribe gives subtitle lines to videos that have none; it does not go with "
+                         "--no-subtitles")
+    cache = resolve_cache_dir(cache_dir)
     options = SegmentOptions(tree=tree, subtitles=subtitles, use_subtitles=not no_subtitles, clips_dir=clips,
-                             copy_clips=copy, **frames)
-    store = FrameStore(frames_dir(resolve_cache_dir(cache_dir)))
+                             copy_clips=copy, transcription=replace(speech, cache_dir=cache) if speech else None,
+                             **frames)
+    store = FrameStore(frames_dir(cache))
     log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr segment: {msg}"))
     try:
         summary = segment_videos(videos, options, store, output, log=log, progress=not quiet)

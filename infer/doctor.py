@@ -4,7 +4,9 @@ Every check yields a `Check` with a one-line detail and, when it fails, a one-li
 fix. Endpoints are probed one base URL at a time: GET /models, a one-token text
 request, and a request with many small images (vLLM's --limit-mm-per-prompt is the
 usual failure). In-process backends are checked lightly: the model's config,
-files and the device, without loading weights.
+files and the device, without loading weights. A speech model (--transcribe-model) is
+checked the same way: its endpoint lists it and answers a one-second silent WAV, or its
+config and processor load.
 """
 
 from __future__ import annotations
@@ -463,6 +465,82 @@ def check_local_model(role: str, spec: ModelSpec, *, vision: bool = True) -> lis
     return checks
 
 
+# -- the speech model (--transcribe-model) --------------------------------------
+
+SPEECH_SERVE_FIX = "serve a Whisper model there (vllm serve openai/whisper-large-v3 answers /v1/audio/transcriptions)"
+
+
+async def check_speech_endpoint(role: str, spec: ModelSpec) -> list[Check]:
+    """Each base URL: GET /models lists the model, and a one-second silent WAV sent to
+    /audio/transcriptions is answered."""
+    import numpy as np
+
+    from ..prep.audio import SAMPLE_RATE
+    from ..prep.models.asr import OpenAITranscriber
+    from ..prep.models.openai_backend import resolve_base_urls
+
+    checks: list[Check] = []
+    for url in resolve_base_urls(list(spec.base_urls)):
+        where = f"{role} endpoint {url}"
+        heard = OpenAITranscriber(spec.model or "-", [url], spec.api_key, concurrency=1, timeout_s=spec.timeout_s,
+                                  max_retries=min(spec.max_retries, 1), backoff_base_s=0.2, backoff_max_s=1.0)
+        try:
+            try:
+                served = (await heard.endpoint.list_models())[url]
+            except ModelError as e:
+                error = _strip_prefix(heard.endpoint.redact(str(e)), heard.name, url)
+                checks.append(Check(f"{where} reachable", False, error,
+                                    _reach_fix(error, url, spec, False, _key_sent(spec))))
+                continue
+            if not spec.model:
+                checks.append(Check(f"{where} speech model", False, f"no model named; served here: {_names(served)}",
+                                    f"pass {_model_flag(role)} with one of them"))
+                continue
+            if spec.model not in served:
+                checks.append(Check(f"{where} serves model {spec.model!r}", False,
+                                    f"not among the models served here: {_names(served)}",
+                                    f"pass {_model_flag(role)} with one of the served names"))
+                continue
+            try:
+                started = asyncio.get_running_loop().time()
+                await heard.transcribe([np.zeros(SAMPLE_RATE, np.float32)], None)
+                seconds = asyncio.get_running_loop().time() - started
+            except ModelError as e:
+                error = _strip_prefix(heard.endpoint.redact(str(e)), heard.name, url)
+                checks.append(Check(f"{where} transcribes with {spec.model!r}", False,
+                                    f"a one-second silent WAV failed: {_first_line(error, 160)}", SPEECH_SERVE_FIX))
+                continue
+            checks.append(Check(f"{where} transcribes with {spec.model!r}", True,
+                                f"listed by GET /models; a one-second silent WAV answered in {seconds:.2f} s"))
+        finally:
+            await heard.aclose()
+    return checks
+
+
+def check_local_speech_model(role: str, spec: ModelSpec) -> list[Check]:
+    """An in-process speech model: it is found, its config and processor load (no weights), the device exists."""
+    from ..prep.models.locate import ModelNotFound, locate_model
+
+    name = f"{role} transformers model {spec.model!r}"
+    if not spec.model:
+        return [Check(f"{role} model", False, "no model given", f"pass {_model_flag(role)} with a Whisper model")]
+    try:
+        found = locate_model(spec.model)
+        from transformers import AutoConfig, AutoProcessor
+
+        config = AutoConfig.from_pretrained(os.path.expanduser(spec.model))
+        AutoProcessor.from_pretrained(os.path.expanduser(spec.model))
+    except ModelNotFound as e:
+        return [Check(name, False, str(e), f"pass {_model_flag(role)} with a Whisper-family model folder or "
+                                            "Hugging Face id (hf download ORG/NAME --local-dir DIR where there is "
+                                            "network)")]
+    except Exception as e:  # noqa: BLE001 - any load failure is one line
+        return [Check(name, False, f"its config or processor does not load: {_first_line(e, 160)}",
+                      "pass a speech recognition checkpoint (Whisper family) with its processor files")]
+    return [Check(name, True, f"{found.describe()}; config ({config.model_type}) and processor load"),
+            _device_check(role, spec.device, need_gpu=False)]
+
+
 # -- everything --------------------------------------------------------------
 
 
@@ -473,14 +551,17 @@ def _resolved_urls(spec: ModelSpec) -> tuple[str, ...]:
 
 
 def run_doctor(roles: dict[str, ModelSpec], *, images: int = 16, vision_roles: Iterable[str] | None = None,
-               tools: bool = True, on_check: Callable[[Check], None] | None = None) -> list[Check]:
-    """Tools first, then each distinct (backend, base URLs, model) once, named by the roles sharing it.
+               tools: bool = True, on_check: Callable[[Check], None] | None = None,
+               speech: ModelSpec | None = None) -> list[Check]:
+    """Tools first, then each distinct (backend, base URLs, model) once, named by the roles sharing it,
+    then the speech model (`speech`: --transcribe-model) when one is given.
 
     A group gets the image check when any of its roles is in `vision_roles` (default: all).
     `on_check` sees each check as soon as its group is done, in order.
     """
     vision_set = set(roles if vision_roles is None else vision_roles)
-    secrets = {s.api_key for s in roles.values() if s.api_key} | {os.environ.get("OPENAI_API_KEY") or ""}
+    keys = [s.api_key for s in (*roles.values(), speech) if s is not None and s.api_key]
+    secrets = set(keys) | {os.environ.get("OPENAI_API_KEY") or ""}
     secrets = {s for s in secrets if len(s) >= _MIN_SECRET}
     results: list[Check] = []
 
@@ -505,7 +586,7 @@ def run_doctor(roles: dict[str, ModelSpec], *, images: int = 16, vision_roles: I
             continue
         urls = _resolved_urls(spec) if kind == "openai" else ()
         groups.setdefault((kind, urls, spec.model), []).append(role)
-    if not roles:
+    if not roles and speech is None:
         emit(_skip("models", "none given: pass --model (and --base-url), --caption-model or --qa-model to check one"))
 
     async def one(kind: str, label: str, spec: ModelSpec, vision: bool) -> list[Check]:
@@ -529,4 +610,25 @@ def run_doctor(roles: dict[str, ModelSpec], *, images: int = 16, vision_roles: I
 
     if groups:
         asyncio.run(run_all())
+    if speech is not None:
+        for check in _speech_checks(speech):
+            emit(check)
     return results
+
+
+def _speech_checks(spec: ModelSpec) -> list[Check]:
+    role = "transcribe"
+    try:
+        kind = resolve_backend(spec.backend, list(spec.base_urls))
+    except ModelError as e:
+        return [Check(f"{role} backend", False, str(e), "use --transcribe-backend openai, transformers or auto")]
+    try:
+        if kind == "openai":
+            return asyncio.run(check_speech_endpoint(role, spec))
+        if kind == "vllm":
+            return [Check(f"{role} backend", False, "the in-process vllm backend does not transcribe",
+                          "serve the model with `vllm serve MODEL` and pass --transcribe-base-url")]
+        return check_local_speech_model(role, spec)
+    except Exception as e:  # noqa: BLE001 - a preflight reports, it does not crash
+        return [Check(f"{role} {kind} model", False, f"unexpected {type(e).__name__}: {_first_line(e)}",
+                      "please report this")]

@@ -25,6 +25,7 @@ from ..prep.models.base import ChatModel, ModelError
 from ..prep.options import option
 from ..prep.keyframe_snap import exact_twin
 from ..prep.segment import SegmentOptions, keep_substitutes, load_or_plan
+from ..prep.transcribe import Transcription
 from ..prep.tree import TreeOptions
 from .agent import AgentOptions, AgentResult, OnTurn, Review, run_agent
 from .environment import VideoEnv
@@ -60,6 +61,7 @@ class NavigatorOptions:
     qa_prompt_file: Path | None = None
     qa_max_tokens: int = 512
     captions_dir: Path | None = None   # `--captions`: captions from these files, no captioner
+    transcription: Transcription | None = None   # `--transcribe`: transcripts for videos without subtitles
 
     def __post_init__(self) -> None:
         # A profile whose prompts are not shipped fails here, naming the flags, before anything runs.
@@ -99,6 +101,7 @@ class NavigatorOptions:
             "tree": asdict(self.tree),
             "captioning": asdict(self.captioning), "qa_max_tokens": self.qa_max_tokens,
             "subtitles": subtitles,
+            **({"transcription": self.transcription.identity()} if self.transcription is not None else {}),
         }
 
 
@@ -173,7 +176,8 @@ class Navigator:
         self._captioners: dict[bool, Captioner] = {}
         self._trees: dict[str, list[dict]] = {}
         self._tree_locks: dict[str, asyncio.Lock] = {}
-        self.segment_options = SegmentOptions(tree=options.tree, qa_frames=True)
+        transcription = options.transcription and replace(options.transcription, cache_dir=self.cache_dir)
+        self.segment_options = SegmentOptions(tree=options.tree, qa_frames=True, transcription=transcription)
         self.released = None   # --captions: the one captioner, reading the files
         if options.captions_dir is not None:
             from ..prep.longvideo_r1 import ReleasedCaptioner

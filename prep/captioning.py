@@ -1,7 +1,8 @@
 """Captioning tree nodes: the prompt, the reply parser, and the lazy captioner.
 
 The captioner sees a node's sampled frames in time order, each preceded by its
-timestamp and the subtitle lines shown while it is on screen, and is asked
+timestamp and the subtitle lines shown while it is on screen (marked as a transcript
+when they were transcribed from the speech: `lvr segment --transcribe`), and is asked
 for a caption wrapped in <caption> tags (about 200 words for a low node, 400
 for medium and high). The system prompt can be replaced from a file; its hash
 goes into every caption key and record, because a checkpoint answers best
@@ -22,6 +23,7 @@ from .caption_store import CaptionKey, CaptionStore
 from .frames import FrameStore
 from .options import check_options, option
 from .records import read_prompt_file
+from .subtitles import FROM_TRANSCRIPT
 from .tags import caption_text
 from .work_queue import run_jobs
 from .models.base import ChatModel, Completion, GenerationOptions, Message, Usage, image_part, text_part
@@ -92,6 +94,10 @@ class CaptionLayout:
     times: str                      # a key of TIME_FORMATS
     words: tuple[tuple[str, int], ...]   # (level, words asked for)
     system_fields: bool             # fill {num_frame} and {num_words} in the system prompt
+    # Lines transcribed from the speech (`--transcribe`) rather than subtitles: their intro note and
+    # frame label. None words them as subtitles (a layout that keeps a reference's wording).
+    transcript_note: str | None = None
+    transcript_label: str | None = None
 
     def word_limit(self, level: str) -> int:
         return dict(self.words).get(level, 400)
@@ -105,7 +111,10 @@ CAPTION_LAYOUT = CaptionLayout(
     frame_label="[{time}]", subtitled_label="[{time}] Subtitles: {lines}", subtitle_separator=" / ",
     label_every_frame=False,
     closing="Describe this clip in about {words} words, inside <caption></caption> tags.",
-    times="clock", words=tuple(WORD_LIMITS.items()), system_fields=False)
+    times="clock", words=tuple(WORD_LIMITS.items()), system_fields=False,
+    transcript_note=(" and the speech transcribed from the audio from then until the next frame (a machine "
+                     "transcript, not subtitles: it may mishear words)."),
+    transcript_label="[{time}] Transcript: {lines}")
 
 
 def prompt_hash(system_prompt: str, layout: CaptionLayout = CAPTION_LAYOUT) -> str:
@@ -120,23 +129,33 @@ def parse_caption(reply: str) -> str:
     return caption_text(reply)
 
 
-def frame_subtitles(node: dict) -> list[list[str]]:
-    """Per sampled frame, the subtitle lines on screen from it until the next sampled frame.
+def frame_lines(node: dict) -> list[list[dict]]:
+    """Per sampled frame, the node's subtitle entries on screen from it until the next sampled frame.
 
     A line is listed at the first frame it overlaps only, so long lines are
     not repeated frame after frame.
     """
     times = node.get("frame_times") or []
     subs = node.get("subtitles") or []
-    out: list[list[str]] = [[] for _ in times]
+    out: list[list[dict]] = [[] for _ in times]
     used: set[int] = set()
     for i, t in enumerate(times):
         t_next = times[i + 1] if i + 1 < len(times) else node["end"]
         for j, line in enumerate(subs):
             if j not in used and line["start"] < t_next and line["end"] > t:
-                out[i].append(str(line["text"]))
+                out[i].append(line)
                 used.add(j)
     return out
+
+
+def frame_subtitles(node: dict) -> list[list[str]]:
+    """Per sampled frame, the text of the subtitle lines on screen from it until the next sampled frame."""
+    return [[str(line["text"]) for line in lines] for lines in frame_lines(node)]
+
+
+def is_transcript(line: dict) -> bool:
+    """A node's subtitle entry transcribed from the speech (`--transcribe`), not read from subtitles."""
+    return line.get("source") == FROM_TRANSCRIPT
 
 
 def caption_system_prompt(system_prompt: str, frames: int, level: str,
@@ -156,15 +175,19 @@ def build_caption_messages(node: dict, frames: list[bytes], system_prompt: str,
     times = node["frame_times"]
     at = TIME_FORMATS[layout.times]
     has_subs = use_subtitles and bool(node.get("subtitles"))
+    heard = has_subs and any(is_transcript(line) for line in node["subtitles"])
+    note = layout.transcript_note if heard and layout.transcript_note is not None else layout.subtitles_note[has_subs]
     parts: list[dict] = []
     if layout.intro is not None:
         parts.append(text_part(layout.intro.format(count=len(frames), level=level, start=at(node["start"]),
-                                                   end=at(node["end"]),
-                                                   subtitles_note=layout.subtitles_note[has_subs])))
-    subs = frame_subtitles(node) if has_subs else [[] for _ in times]
+                                                   end=at(node["end"]), subtitles_note=note)))
+    subs = frame_lines(node) if has_subs else [[] for _ in times]
     for t, jpeg, lines in zip(times, frames, subs):
         if lines or (has_subs and layout.label_every_frame):
-            label = layout.subtitled_label.format(time=at(t), lines=layout.subtitle_separator.join(lines))
+            template = layout.subtitled_label
+            if layout.transcript_label is not None and any(is_transcript(line) for line in lines):
+                template = layout.transcript_label
+            label = template.format(time=at(t), lines=layout.subtitle_separator.join(str(x["text"]) for x in lines))
         else:
             label = layout.frame_label.format(time=at(t))
         parts.append(text_part(label))
@@ -244,14 +267,15 @@ class Captioner:
         self._inflight: dict[str, asyncio.Future] = {}
 
     def key_for(self, node: dict) -> CaptionKey:
-        sampling = {}
+        extra = {}
         if node.get("frame_sampling"):  # keyframe-sampled frames are other frames: never mix their captions
-            sampling = {"sampling": node["frame_sampling"].get("mode"),
-                        "tolerance": node["frame_sampling"].get("tolerance")}
+            extra = {"sampling": node["frame_sampling"].get("mode"),
+                     "tolerance": node["frame_sampling"].get("tolerance")}
+        subtitles = bool(self.options.use_subtitles and node.get("subtitles"))
+        if subtitles and node.get("transcript_id"):  # lines a speech model heard: never mix with others
+            extra["transcript"] = node["transcript_id"]
         settings = CaptionKey.settings(frames=len(node.get("frame_indices", [])),
-                                       side=node.get("image_side"),
-                                       subtitles=bool(self.options.use_subtitles and node.get("subtitles")),
-                                       **sampling)
+                                       side=node.get("image_side"), subtitles=subtitles, **extra)
         return CaptionKey(video_id=node["video_id"], level=node["level"], start=node["start"],
                           end=node["end"], model=self.model.name, prompt_hash=self.prompt_hash,
                           frame_settings=settings)

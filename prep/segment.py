@@ -25,7 +25,7 @@ from __future__ import annotations
 import glob
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,8 +37,10 @@ from .jsonl import JsonlWriter
 from .keyframe_snap import snap_to_keyframes, tolerance_for
 from .options import check_options, option
 from .probe import VideoError, VideoInfo, probe_video, video_fingerprint
-from .subtitles import SubtitleError, SubtitleLine, find_sidecars, lines_overlapping, load_subtitles
+from .subtitles import (FROM_TRANSCRIPT, SubtitleError, SubtitleTrack, find_sidecars, load_subtitles,
+                        shift_lines)
 from .tree import Level, Node, NodeId, Tree, TreeOptions, format_node_id, node_count, tree_width
+from .transcribe import Transcription
 
 NODE_SCHEMA = "lvr.node/1"
 VIDEO_EXTENSIONS = frozenset({
@@ -55,6 +57,7 @@ class SegmentOptions:
                              help="Also store the frames video_qa sends for every leaf (16 at 1024 px).")
     subtitles: Path | None = None           # explicit subtitle file (one video only)
     use_subtitles: bool = True              # look for sidecar and embedded subtitles
+    transcription: Transcription | None = None  # --transcribe: a transcript for a video with no subtitles
     clips_dir: Path | None = None           # write leaf clips here
     copy_clips: bool = False                # stream copy (keyframe cuts) instead of exact re-encode
     jpeg_quality: int = option(90, "--jpeg-quality", min=1, max=100, help="JPEG quality of stored frames.")
@@ -67,9 +70,12 @@ class SegmentOptions:
         check_options(self)
 
     def to_record(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, transcription=None))
         for key in ("subtitles", "clips_dir"):
             d[key] = str(d[key]) if d[key] is not None else None
+        del d["transcription"]
+        if self.transcription is not None:  # so trees (and their cache key) with and without speech never mix
+            d["transcription"] = self.transcription.identity()
         return d
 
 
@@ -281,7 +287,7 @@ def frame_fields(info: VideoInfo, prefix: str, side: int, sampled: list[int], ch
 
 
 def node_records(info: VideoInfo, tree: Tree, options: SegmentOptions,
-                 subtitles: list[SubtitleLine], clips: dict | None = None,
+                 subtitles: SubtitleTrack, clips: dict | None = None,
                  substitutes: Substitutes | None = None) -> list[dict]:
     """One lvr.node/1 record per node, in tree order (high, medium, low).
 
@@ -308,7 +314,9 @@ def node_records(info: VideoInfo, tree: Tree, options: SegmentOptions,
             rec.update(frame_fields(info, ss.prefix, ss.side, ss.indices, substitutes.get((node.id, ss.prefix), {})))
             if ss.sampling:
                 rec[f"{ss.prefix}frame_sampling"] = ss.sampling
-        rec["subtitles"] = [s.to_record() for s in lines_overlapping(subtitles, node.start, node.end)]
+        rec["subtitles"] = subtitles.records(node.start, node.end)
+        if subtitles.transcript_id is not None:
+            rec["transcript_id"] = subtitles.transcript_id
         if clips is not None and node.id in clips:
             rec["clip"] = clips[node.id]
         rec["video"] = video
@@ -329,14 +337,24 @@ def build_tree(info: VideoInfo, options: TreeOptions) -> Tree:
         raise VideoError(info.path, str(e)) from None
 
 
-def video_subtitles(info: VideoInfo, options: SegmentOptions) -> list[SubtitleLine]:
-    """The subtitle lines the options ask for (none when they ask for none)."""
+def video_subtitles(info: VideoInfo, options: SegmentOptions) -> SubtitleTrack:
+    """The subtitle lines the options ask for (none when they ask for none): a subtitle file or
+    stream, else (with `transcription`) the transcript of the video's speech."""
+    from .models.base import ModelError
+
     if not (options.use_subtitles or options.subtitles):
-        return []
+        return SubtitleTrack()
     try:
-        return load_subtitles(info.path, options.subtitles, time_offset=info.start_time)[0]
+        lines = load_subtitles(info.path, options.subtitles, time_offset=info.start_time)[0]
     except SubtitleError as e:
         raise VideoError(info.path, f"subtitles: {e}") from None
+    if lines or options.transcription is None:
+        return SubtitleTrack(lines)
+    try:
+        transcript = options.transcription.transcript_of(info.path, info.video_id)
+    except ModelError as e:
+        raise VideoError(info.path, f"transcription: {e}") from None
+    return SubtitleTrack(shift_lines(transcript.lines, info.start_time), FROM_TRANSCRIPT, transcript.transcript_id)
 
 
 def segment_video(path: "str | os.PathLike", options: SegmentOptions, store: FrameStore,
@@ -451,7 +469,8 @@ def tree_cache_path(cache_dir: Path, video: Path, video_id: str, options: dict) 
 
     `options`: `SegmentOptions.to_record()` (the records' producer options). The hash covers them and
     the subtitle files the records' lines come from, so a sidecar added, changed or removed (or a
-    copy of the video in a folder with other sidecars) is another tree.
+    copy of the video in a folder with other sidecars) is another tree; with --transcribe the options
+    hold the transcripts' identity (model, backend, settings), so trees with and without speech never mix.
     """
     import hashlib
     import json

@@ -31,7 +31,9 @@ __all__ = [
     "find_sidecars",
     "read_embedded",
     "load_subtitles",
+    "shift_lines",
     "lines_overlapping",
+    "SubtitleTrack",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,24 @@ class SubtitleLine:
         # Millisecond precision is all subtitle formats carry; rounding keeps
         # JSON output stable and free of float noise.
         return {"start": round(self.start, 3), "end": round(self.end, 3), "text": self.text}
+
+
+# Where a node's lines came from: a subtitle file or stream, or a speech transcript (`lvr transcribe`).
+FROM_SUBTITLES = "subtitles"
+FROM_TRANSCRIPT = "transcript"
+
+
+@dataclass(frozen=True)
+class SubtitleTrack:
+    """A video's lines and where they came from; `transcript_id` names the transcript they are."""
+
+    lines: Sequence[SubtitleLine] = ()
+    source: str = FROM_SUBTITLES
+    transcript_id: str | None = None
+
+    def records(self, start: float, end: float) -> list[dict]:
+        """The lines overlapping [start, end) as node record entries, each saying where it came from."""
+        return [{**line.to_record(), "source": self.source} for line in lines_overlapping(self.lines, start, end)]
 
 
 class SubtitleError(Exception):
@@ -340,7 +360,10 @@ def _text_stream_indices(probe: dict) -> list[int]:
     return out
 
 
-def _shift(lines: list[SubtitleLine], offset: float) -> list[SubtitleLine]:
+def shift_lines(lines: list[SubtitleLine], offset: float) -> list[SubtitleLine]:
+    """Lines timed from the container's start, on the video's timeline (first video frame at 0):
+    `offset` (container start -> first video frame) is subtracted, lines that end before that
+    frame are dropped and starts are clamped at 0."""
     if not offset:
         return list(lines)
     out = []
@@ -381,7 +404,7 @@ def _read_embedded(video_path, time_offset: float) -> tuple[list[SubtitleLine], 
             raise _error(video, f"ffmpeg could not extract subtitle stream {index}, {_stderr_reason(proc)}")
         lines = parse_srt(proc.stdout.decode("utf-8", errors="replace"))
         if lines:
-            return _shift(lines, time_offset), index
+            return shift_lines(lines, time_offset), index
         # An empty track (placeholder, forced-only with nothing forced): try
         # the next text stream rather than give up.
     return [], None
@@ -412,12 +435,12 @@ def load_subtitles(
     Returns ``([], None)`` when nothing is found.
     """
     if explicit is not None:
-        lines = _shift(read_subtitle_file(explicit), time_offset)
+        lines = shift_lines(read_subtitle_file(explicit), time_offset)
         return (lines, f"file:{Path(explicit).absolute()}") if lines else ([], None)
 
     for sidecar in find_sidecars(video_path):
         try:
-            lines = _shift(read_subtitle_file(sidecar), time_offset)
+            lines = shift_lines(read_subtitle_file(sidecar), time_offset)
         except SubtitleError as exc:
             log.warning("skipping sidecar subtitles: %s", exc)
             continue

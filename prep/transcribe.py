@@ -273,6 +273,13 @@ def transcripts_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / "transcripts"
 
 
+def transcript_settings(options: TranscribeOptions, vad_method: str) -> dict:
+    """The settings that change a transcript (part of its identity); `vad_method` resolved (`resolve_vad`)."""
+    o = options
+    return {"language": o.language, "chunk_seconds": o.chunk_seconds, "chunk_overlap": o.chunk_overlap,
+            "vad": vad_method, "no_speech_threshold": o.no_speech_threshold}
+
+
 def transcript_id(video_id: str, model: str, backend: str, settings: dict) -> str:
     """The identity of a transcript: what was heard, by which model, how. Caption keys can carry it."""
     what = json.dumps({"video_id": video_id, "model": model, "backend": backend, "settings": settings},
@@ -396,9 +403,7 @@ class Transcriber:
 
     def settings(self) -> dict:
         """The settings that change a transcript (part of its identity)."""
-        o = self.options
-        return {"language": o.language, "chunk_seconds": o.chunk_seconds, "chunk_overlap": o.chunk_overlap,
-                "vad": self.gate.method, "no_speech_threshold": o.no_speech_threshold}
+        return transcript_settings(self.options, self.gate.method)
 
     def key(self, video_id: str) -> str:
         return transcript_id(video_id, self.model_name, self.backend, self.settings())
@@ -514,7 +519,8 @@ class Transcriber:
 
 
 def transcript_for_video(path: "str | os.PathLike", spec: ModelSpec, options: TranscribeOptions,
-                         cache_dir: "str | os.PathLike", *, reporter: "Reporter | None" = None) -> Transcript:
+                         cache_dir: "str | os.PathLike", *, reporter: "Reporter | None" = None,
+                         video_id: str | None = None) -> Transcript:
     """One video's transcript, from the cache or made now (loading the model only then).
 
     The integration point for steps that want speech as subtitles: `Transcript.lines` are
@@ -523,11 +529,56 @@ def transcript_for_video(path: "str | os.PathLike", spec: ModelSpec, options: Tr
     async def run() -> Transcript:
         transcriber = Transcriber(spec, options, cache_dir, reporter=reporter)
         try:
-            return await transcriber.transcript(path)
+            return await transcriber.transcript(path, video_id=video_id)
         finally:
             await transcriber.aclose()
 
     return asyncio.run(run())
+
+
+# -- transcripts as subtitles (segment, ask and eval --transcribe) ---------------------------
+
+@dataclass(frozen=True)
+class TranscribeSwitch:
+    """Whether steps that build trees transcribe the speech of videos that have no subtitles."""
+
+    transcribe: bool = option(False, "--transcribe/--no-transcribe", panel=PANEL,
+                              help="A video with no subtitles (no sidecar .srt/.vtt, no text stream) gets a "
+                                   "transcript of its speech as its subtitle lines, made with --transcribe-model "
+                                   "(as `lvr transcribe` makes it, and cached with its transcripts); a real "
+                                   "subtitle file always wins.")
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """`--transcribe`: the speech model and settings that give a video without subtitles its lines.
+
+    `cache_dir` holds the transcripts (the run's cache directory). One video at a time: each
+    call loads the model only when that video's transcript is not cached yet.
+    """
+
+    spec: ModelSpec
+    options: TranscribeOptions = field(default_factory=TranscribeOptions)
+    cache_dir: Path | None = None
+
+    def identity(self) -> dict:
+        """What a transcript depends on besides the video (transcript_id's other inputs): trees
+        and captions made from transcripts carry it. ModelError or VadUnavailable for a setting
+        that cannot run, so a command can check it before any video."""
+        from .audio import resolve_vad
+
+        if not self.spec.model:
+            raise ModelError("--transcribe needs --transcribe-model (a Whisper model: a name served at "
+                             "--transcribe-base-url, or a Hugging Face id or local folder run in process)")
+        return {"model": self.spec.model,
+                "backend": speech_backend(self.spec, faster_whisper=self.options.faster_whisper),
+                "settings": transcript_settings(self.options, resolve_vad(self.options.vad))}
+
+    def transcript_of(self, path: "str | os.PathLike", video_id: str) -> Transcript:
+        """The video's transcript (from the cache, or made now): its lines are on the container's timeline."""
+        if self.cache_dir is None:
+            raise ValueError("Transcription.cache_dir is not set")
+        return transcript_for_video(path, self.spec, self.options, self.cache_dir, video_id=video_id)
 
 
 # -- the batch -------------------------------------------------------------------------------

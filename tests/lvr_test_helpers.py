@@ -239,3 +239,97 @@ def run_chromium(exe: str, profile: Path, *args: str) -> subprocess.Popen:
            "--hide-scrollbars", f"--user-data-dir={profile}", *args]
     env = {**os.environ, "HOME": str(profile)}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+# -- `transformers serve` -------------------------------------------------------------------
+
+SERVE_START_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even by SIGKILL (Linux)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def offline_env(home: Path) -> dict:
+    """The environment of a server that must not reach the network: its own empty HF home, offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HF_", "TRANSFORMERS_"))}
+    (home / "hub").mkdir(parents=True, exist_ok=True)  # /v1/models scans an (empty) cache here
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    return env
+
+
+class ServeProcess:
+    """`transformers serve` in its own process group, with its log in a file; it dies with us."""
+
+    def __init__(self, model_dir: Path, workdir: Path):
+        self.model = str(model_dir)  # a pinned server answers only to this exact name
+        self.log_path = workdir / "serve.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        exe = Path(sys.executable).with_name("transformers")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-c",
+                                                "import sys; from transformers.cli.transformers import main; "
+                                                "sys.argv[0] = 'transformers'; sys.exit(main())"]
+        cmd += ["serve", self.model, "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
+                "--trust-remote-code", "--log-level", "warning"]
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=offline_env(workdir / "hf-home"), cwd=workdir,
+                                     preexec_fn=_die_with_parent)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = SERVE_START_TIMEOUT_S) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=2, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"transformers serve not ready after {timeout_s} s:\n{self.log()[-4000:]}")
+
+    def chat_requests(self) -> int:
+        """POSTs to /v1/chat/completions answered 200 so far, from uvicorn's access log.
+
+        Only answered ones: at temperature 1 the tiny model now and then writes what the
+        server's own reply parser chokes on (a 500), and lvr then retries, as it should.
+        """
+        return self.log().count('"POST /v1/chat/completions HTTP/1.1" 200')
+
+    def transcription_requests(self) -> int:
+        """POSTs to /v1/audio/transcriptions answered 200 so far, from uvicorn's access log."""
+        return self.log().count('"POST /v1/audio/transcriptions HTTP/1.1" 200')
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+            except ProcessLookupError:
+                pass
+        self._log.close()

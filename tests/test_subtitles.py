@@ -383,10 +383,10 @@ def test_read_embedded_time_offset(media):
 
 def test_time_shift_drops_lines_before_first_frame_and_clamps():
     lines = [L(0.5, 1.2, "a"), L(1.5, 2.75, "b")]
-    assert triples(st._shift(lines, 1.3)) == [(0.2, 1.45, "b")]
-    assert triples(st._shift(lines, 1.2)) == [(0.3, 1.55, "b")]  # "a" would end exactly at 0
-    assert triples(st._shift(lines, 0.0)) == triples(lines)
-    assert triples(st._shift(lines, -1.0)) == [(1.5, 2.2, "a"), (2.5, 3.75, "b")]
+    assert triples(st.shift_lines(lines, 1.3)) == [(0.2, 1.45, "b")]
+    assert triples(st.shift_lines(lines, 1.2)) == [(0.3, 1.55, "b")]  # "a" would end exactly at 0
+    assert triples(st.shift_lines(lines, 0.0)) == triples(lines)
+    assert triples(st.shift_lines(lines, -1.0)) == [(1.5, 2.2, "a"), (2.5, 3.75, "b")]
 
 
 @needs_ffmpeg

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from fake_openai import FakeOpenAI, wav_seconds
-from lvr_test_helpers import load_jsonl, run_lvr
+from lvr_test_helpers import ServeProcess, load_jsonl, run_lvr
 from synthetic_media import ffmpeg
 from lvr.prep.audio import (SpeechGate, audio_stream, audio_windows, energy_regions, read_audio, silero_available,
                             wav_bytes)
@@ -576,46 +576,17 @@ SERVE_MODULES = ("fastapi", "uvicorn", "openai", "pydantic", "multipart", "sound
 def served_whisper(tmp_path_factory):
     """(base URL, model folder, a count of answered transcription requests) of `transformers serve`
     running a tiny Whisper offline on CPU; stopped afterwards."""
-    import os
-    import signal
-    import socket
-    import time
-
-    import httpx
-
     for module in SERVE_MODULES:
         pytest.importorskip(module, reason="the `transformers serve` extras are not installed (pip install -e .[dev])")
     from tiny_whisper import build_tiny_whisper
 
     root = tmp_path_factory.mktemp("serve-whisper")
-    model = build_tiny_whisper(root / "tiny-whisper", words_only=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (root / "hf" / "hub").mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HF_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_PROXY="127.0.0.1")
-    exe = Path(sys.executable).with_name("transformers")
-    log_path = root / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                 "--device", "cpu", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=root, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
+    server = ServeProcess(build_tiny_whisper(root / "tiny-whisper", words_only=True), root)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not start:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield url, model, lambda: log_path.read_text().count('"POST /v1/audio/transcriptions HTTP/1.1" 200')
+        server.wait_ready()
+        yield server.url, Path(server.model), server.transcription_requests
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def served_text(model_dir: Path, samples: np.ndarray) -> str:
