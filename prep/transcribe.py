@@ -79,7 +79,7 @@ class TranscribeOptions:
                                       "--concurrency at once instead).")
     faster_whisper: bool = option(False, "--faster-whisper/--no-faster-whisper", panel=PANEL,
                                   help="Run the model in process with faster-whisper (CTranslate2: the faster-whisper "
-                                       "package, extra `faster-whisper`; --model names a CTranslate2 Whisper, "
+                                       "package, extra `faster-whisper`; the speech model is then a CTranslate2 Whisper, "
                                        "e.g. Systran/faster-whisper-small) instead of transformers.")
 
     def __post_init__(self) -> None:
