@@ -15,6 +15,23 @@ same wording reaches the model from `ask`, `eval`, `synthesize` and `rl`.
 Tags and reasoning are read by the rules of `lvr.prep.tags`: an unclosed
 ``<think>`` is reasoning to the end of the reply, so no action is ever taken
 from inside reasoning. Option letters are `lvr.prep.lettering`'s.
+
+Answer kinds. A question answers with free text or an option letter (read by
+`extract_choice`). A grounding question ("when does this happen?") answers with
+a time interval in seconds, in exactly one syntax (`format_interval` writes it,
+`parse_interval` reads it)::
+
+    <answer>[start, end]</answer>        e.g. [12.5, 30] or [ 12.5s , 30s ]
+
+Two numbers in square brackets, separated by a comma: digits with an optional
+decimal point and decimals (``12``, ``12.5``; at most 7 integer digits and 6
+decimals), an optional leading minus (so a negative time reads as outside the
+video, not as unreadable) and an optional trailing ``s``; whitespace is allowed
+around every part, nothing else is. The interval kind is only used when a caller
+asks for it (`parse_grounding_turn`); `parse_turn` reads every answer as text.
+A grounding answer breaks the rules when it is unreadable, reversed
+(start > end) or outside the video (start < 0 or end > duration); a point
+(start = end) is an interval.
 """
 
 from __future__ import annotations
@@ -76,6 +93,10 @@ class Breach:
     EMPTY_ANSWER = "empty_answer"
     QA_BEFORE_CAPTION = "qa_before_caption"
     TOOL_ON_LAST_ROUND = "tool_on_last_round"
+    # grounding answers (the interval answer kind)
+    MALFORMED_INTERVAL = "malformed_interval"
+    REVERSED_INTERVAL = "reversed_interval"
+    INTERVAL_OUTSIDE_VIDEO = "interval_outside_video"
 
 
 _FORMAT_REMINDER = ("Reply with <think>your reasoning</think> followed by exactly one "
@@ -99,6 +120,12 @@ CORRECTIONS = {
     Breach.QA_BEFORE_CAPTION: ("You may use video_qa on {node} only after reading its caption. "
                                "Call get_caption({node}) first."),
     Breach.TOOL_ON_LAST_ROUND: LAST_ROUND_NOTICE,
+    Breach.MALFORMED_INTERVAL: ("The answer {answer} is not a time interval. Answer with the start and end "
+                                "in seconds, exactly like <answer>[12.5, 30]</answer>."),
+    Breach.REVERSED_INTERVAL: ("The interval {answer} ends before it starts. Write the earlier time first, "
+                               "like <answer>[12.5, 30]</answer>."),
+    Breach.INTERVAL_OUTSIDE_VIDEO: ("The interval {answer} is outside the video: times must lie between 0 and "
+                                    "{duration} seconds."),
 }
 
 
@@ -131,6 +158,7 @@ class ParsedTurn:
     answer: str | None = None
     breach: str | None = None
     message: str | None = None     # the corrective message when breach is set
+    interval: tuple[float, float] | None = None    # a grounding answer, read (`parse_grounding_turn`)
 
     @property
     def kind(self) -> str:
@@ -325,6 +353,76 @@ def parse_turn(text: str, k: int) -> ParsedTurn:
     if isinstance(got, ToolCall):
         return ParsedTurn(think, call=got)
     return breach(*got)
+
+
+# -- the interval answer kind (grounding) -----------------------------------------------
+
+_SECONDS = r"(-?\d{1,7}(?:\.\d{1,6})?)\s*s?"
+_INTERVAL_RE = re.compile(rf"\[\s*{_SECONDS}\s*,\s*{_SECONDS}\s*\]", re.ASCII)
+_MAX_INTERVAL_CHARS = 200   # longer answers are never one interval (and are not scanned)
+_MAX_SHOWN_ANSWER = 80      # characters of a bad answer quoted back in a correction
+
+
+def format_interval(start: float, end: float) -> str:
+    """The canonical text of an interval answer, e.g. ``[12.5, 30]`` (up to 6 decimals, as
+    `parse_interval` reads them)."""
+    return f"[{_format_seconds(start)}, {_format_seconds(end)}]"
+
+
+def _format_seconds(t: float) -> str:
+    text = f"{float(t):.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def _usable_duration(duration) -> float | None:
+    """The duration as a positive finite float; None when it is missing or unusable."""
+    try:
+        d = float(duration)
+    except (TypeError, ValueError):
+        return None
+    return d if 0 < d < float("inf") else None
+
+
+def parse_interval(text: str | None, duration: float | None) -> tuple[float, float] | str:
+    """A grounding answer's text -> (start, end) in seconds, or a `Breach` code.
+
+    The syntax is the module docstring's. The codes: MALFORMED_INTERVAL (not that
+    syntax), REVERSED_INTERVAL (start > end), INTERVAL_OUTSIDE_VIDEO (start < 0 or,
+    when `duration` is a positive number, end > duration). Never raises.
+    """
+    text = "" if text is None else str(text).strip()
+    m = _INTERVAL_RE.fullmatch(text) if len(text) <= _MAX_INTERVAL_CHARS else None
+    if not m:
+        return Breach.MALFORMED_INTERVAL
+    start, end = float(m.group(1)) + 0.0, float(m.group(2)) + 0.0     # + 0.0 turns -0.0 into 0.0
+    if start > end:
+        return Breach.REVERSED_INTERVAL
+    limit = _usable_duration(duration)
+    if start < 0 or (limit is not None and end > limit):
+        return Breach.INTERVAL_OUTSIDE_VIDEO
+    return start, end
+
+
+def interval_correction(code: str, answer: str | None, duration: float | None) -> str:
+    """The corrective message for a grounding answer's breach, quoting the answer."""
+    shown = " ".join((answer or "").split())
+    if len(shown) > _MAX_SHOWN_ANSWER:
+        shown = shown[:_MAX_SHOWN_ANSWER] + "..."
+    limit = _usable_duration(duration)
+    return correction(code, answer=shown or "(empty)",
+                      duration=_format_seconds(limit) if limit is not None else "the video's length in")
+
+
+def parse_grounding_turn(text: str, k: int, duration: float | None) -> ParsedTurn:
+    """`parse_turn` for a grounding question: tool calls as ever, and an answer must be an
+    interval (`parse_interval`), returned in `interval` beside its text. Never raises."""
+    parsed = parse_turn(text, k)
+    if parsed.answer is None:
+        return parsed
+    got = parse_interval(parsed.answer, duration)
+    if isinstance(got, str):
+        return ParsedTurn(parsed.think, breach=got, message=interval_correction(got, parsed.answer, duration))
+    return ParsedTurn(parsed.think, answer=parsed.answer, interval=got)
 
 
 # -- answers ----------------------------------------------------------------------------

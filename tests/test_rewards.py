@@ -277,3 +277,84 @@ def test_far_away_visit_never_raises_precision(visits, clues, length, gap, left)
     before = precision(visits, clues)
     assert precision(visits + [far], clues) <= before
     assert coverage(visits + [far], clues) == coverage(visits, clues)
+
+
+# --------------------------------------------------------------------------- grounding answers
+
+from lvr.train.rewards import interval_center_distance_reward, temporal_iou  # noqa: E402
+
+
+def test_temporal_iou_hand_worked():
+    assert temporal_iou((10, 20), (10, 20)) == 1.0
+    assert temporal_iou((10, 20), (15, 25)) == pytest.approx(5 / 15)        # overlap 5, union 15
+    assert temporal_iou((0, 100), (40, 50)) == pytest.approx(10 / 100)      # target inside the answer
+    assert temporal_iou((40, 50), (0, 100)) == pytest.approx(10 / 100)      # symmetric
+    assert temporal_iou((0, 10), (10, 20)) == 0.0                           # touching is not overlapping
+    assert temporal_iou((0, 10), (30, 40)) == 0.0
+    assert temporal_iou((12.5, 30.0), (20.0, 40.0)) == pytest.approx(10 / 27.5)
+    assert temporal_iou((5, 5), (5, 5)) == 1.0                              # two equal points
+    assert temporal_iou((5, 5), (0, 10)) == 0.0                             # a point has no length
+    assert temporal_iou((5, 5), (6, 6)) == 0.0
+    with pytest.raises(ValueError, match="answered interval ends before it starts"):
+        temporal_iou((20, 10), (0, 5))
+    with pytest.raises(ValueError, match="target interval"):
+        temporal_iou((0, 5), (20, 10))
+
+
+def test_interval_center_distance_hand_worked():
+    assert interval_center_distance_reward((40, 60), (45, 55), 100) == 1.0             # same centre
+    assert interval_center_distance_reward((0, 100), (45, 55), 100) == 1.0             # whatever the lengths
+    assert interval_center_distance_reward((0, 10), (45, 55), 100) == pytest.approx(1 - 45 / 100)
+    assert interval_center_distance_reward((0, 10), (45, 55), 200) == pytest.approx(1 - 45 / 200)
+    assert interval_center_distance_reward((0, 0), (100, 100), 100) == 0.0            # a whole video apart
+    assert interval_center_distance_reward((0, 0), (100, 100), 50) == 0.0             # capped at 0
+    # The same score as the visit-based reward for one visit and one clue.
+    assert interval_center_distance_reward((60, 70), (45, 55), 100) == \
+        center_distance_reward([cap(60, 70)], [(45, 55)], 100)
+    with pytest.raises(ValueError, match="positive video duration"):
+        interval_center_distance_reward((0, 10), (45, 55), 0)
+    with pytest.raises(ValueError, match="ends before it starts"):
+        interval_center_distance_reward((10, 0), (45, 55), 100)
+
+
+DURATION = 1000.0
+video_span = st.tuples(times, times).map(lambda t: (min(t), max(t)))     # inside [0, DURATION]
+
+
+@settings(max_examples=300)
+@given(video_span, video_span)
+def test_temporal_iou_in_unit_interval_and_symmetric(pred, target):
+    iou = temporal_iou(pred, target)
+    assert 0.0 <= iou <= 1.0
+    assert iou == pytest.approx(temporal_iou(target, pred))
+    assert 0.0 <= interval_center_distance_reward(pred, target, DURATION) <= 1.0
+
+
+@settings(max_examples=300)
+@given(video_span)
+def test_exact_interval_scores_one(span):
+    assert temporal_iou(span, span) == 1.0
+    assert interval_center_distance_reward(span, span, DURATION) == 1.0
+
+
+@settings(max_examples=300)
+@given(st.floats(min_value=0, max_value=400), st.floats(min_value=0.001, max_value=100),
+       st.floats(min_value=0.001, max_value=100), st.floats(min_value=0.001, max_value=300),
+       st.floats(min_value=0.001, max_value=1), st.booleans())
+def test_disjoint_gets_no_iou_but_a_growing_center_distance(start, length, target_length, gap, step, left):
+    """A disjoint answer has IoU 0 but a positive CenDist, and moving it towards the target
+    (still disjoint) never lowers CenDist and raises it whenever its centre gets closer."""
+    target = (start + length + gap, start + length + gap + target_length)   # to the right of the answer
+    answer = (start, start + length)
+    if left:    # mirror: the answer to the right of the target
+        target, answer = (DURATION - target[1], DURATION - target[0]), (DURATION - answer[1], DURATION - answer[0])
+    assert temporal_iou(answer, target) == 0.0
+    far = interval_center_distance_reward(answer, target, DURATION)
+    assert far > 0.0
+    shift = gap * step * (-1 if left else 1)            # towards the target, by at most the gap
+    closer = (answer[0] + shift, answer[1] + shift)
+    assert temporal_iou(closer, target) <= 1e-9         # at most touching (up to rounding)
+    near = interval_center_distance_reward(closer, target, DURATION)
+    assert near >= far
+    if abs(shift) > 1e-6:
+        assert near > far

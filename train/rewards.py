@@ -228,6 +228,49 @@ def center_distance_reward(visits: Iterable[Any], clues: Iterable[Sequence[float
     return sum(scores) / len(scores)
 
 
+# --------------------------------------------------------------------------- grounding answers
+
+def _interval(span: Sequence[float], name: str) -> Interval:
+    start, end = float(span[0]), float(span[1])
+    if start > end:
+        raise ValueError(f"the {name} interval ends before it starts: [{start}, {end}]")
+    return start, end
+
+
+def temporal_iou(pred: Sequence[float], target: Sequence[float]) -> float:
+    """Temporal IoU of an answered interval P = [s_p, e_p] and the target T = [s_t, e_t]:
+
+        |P ∩ T| = max(0, min(e_p, e_t) − max(s_p, s_t))
+        IoU     = |P ∩ T| / (|P| + |T| − |P ∩ T|)
+
+    in seconds, so IoU ∈ [0, 1]: 1 for the exact interval, 0 when they do not
+    overlap. Two points (zero-length intervals) score 1 when equal, else 0.
+    ValueError for a reversed interval (start > end): a reward is never given for one.
+    The formula's home is `infer.grounding.temporal_iou`, which eval's metrics use too.
+    """
+    from ..infer.grounding import temporal_iou as iou
+
+    return iou(_interval(pred, "answered"), _interval(target, "target"))
+
+
+def interval_center_distance_reward(pred: Sequence[float], target: Sequence[float], duration: float) -> float:
+    """Center-Distance reward (LongVTG-R1's CenDist) of an answered interval against the target:
+
+        c_p, c_t = centres of the answered and the target interval
+        CD       = 1 − min(1, |c_p − c_t| / duration)
+
+    the per-span score of `center_distance_reward`, for one answer and one target.
+    CD ∈ [0, 1]: 1 when the centres coincide (whatever the lengths), falling
+    linearly as they move apart even when the intervals do not overlap, so it
+    stays dense where temporal IoU is 0. `duration` must be positive;
+    ValueError for a reversed interval.
+    """
+    if not duration or duration <= 0:
+        raise ValueError(f"interval_center_distance_reward needs a positive video duration, got {duration!r}")
+    pred, target = _interval(pred, "answered"), _interval(target, "target")
+    return 1.0 - min(1.0, abs(_centre(pred) - _centre(target)) / duration)
+
+
 # --------------------------------------------------------------------------- composite
 
 @dataclass(frozen=True)
