@@ -39,9 +39,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Any, Sequence
 
 from ..prep.lettering import LETTERS, normalize_options, split_label, text_matches
-from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, answer_field, first_records, id_field,
-                            json_records, options_field, parquet_records, read_text, scalar_text, sniff_format,
-                            text_field)
+from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, answer_field, category_field, extra_field,
+                            first_records, id_field, json_records, options_field, parquet_records, read_text,
+                            scalar_text, sniff_format, source_field, text_field)
 
 __all__ = [
     "EVAL_FORMATS",
@@ -261,8 +261,7 @@ def _native(col: Collector, where: str, rec: dict) -> None:
     if schema != NATIVE_SCHEMA:
         raise RecordSkip(f"schema {schema!r} is not {NATIVE_SCHEMA!r}")
     video = text_field(rec, "video")
-    n = col.next_n(video)
-    qid = id_field(rec["id"]) if rec.get("id") is not None else f"{video}#{n}"
+    qid = col.item_id(rec, ("id",), video)
     question = text_field(rec, "question")
     raw = rec.get("options") or []
     options = options_field(raw)
@@ -270,23 +269,11 @@ def _native(col: Collector, where: str, rec: dict) -> None:
         answer = answer_field(rec.get("answer"), options)
     else:
         answer = text_field(rec, "answer")
-    category = rec.get("category")
-    if isinstance(category, list):
-        category = ", ".join(scalar_text(c, "category") for c in category) or None
-    elif category is not None:
-        category = scalar_text(category, "category").strip() or None
     subtitles = rec.get("subtitles", False)
     if not isinstance(subtitles, bool):
         raise RecordSkip(f"'subtitles' must be true or false, got {json.dumps(subtitles)}")
-    source = rec.get("source", "native")
-    if not isinstance(source, str) or not source:
-        raise RecordSkip("'source' must be a non-empty string")
-    extra = rec.get("extra", {})
-    if extra is None:
-        extra = {}
-    if not isinstance(extra, dict):
-        raise RecordSkip("'extra' must be a JSON object")
-    col.add(where, EvalItem(qid, video, question, options, answer, category, subtitles, source, dict(extra)))
+    col.add(where, EvalItem(qid, video, question, options, answer, category_field(rec.get("category")), subtitles,
+                            source_field(rec, "native"), extra_field(rec)))
 
 
 def _lvbench(col: Collector, where: str, rec: dict) -> None:
@@ -338,8 +325,7 @@ def _videomme(col: Collector, where: str, rec: dict, duration: str | None) -> No
         if dur != duration:
             return  # filtered out, not an error
     video = text_field(rec, "videoID")
-    n = col.next_n(video)
-    qid = id_field(rec["question_id"]) if rec.get("question_id") is not None else f"{video}#{n}"
+    qid = col.item_id(rec, ("question_id",), video)
     question = text_field(rec, "question")
     options = options_field(rec.get("options") or [])
     if not options:
@@ -396,8 +382,7 @@ def _longvideo_r1(col: Collector, where: str, rec: dict) -> None:
     if key is None:
         raise RecordSkip("missing the video: 'key' (LVBench), 'videoID' (Video-MME) or 'video_name' (MLVU)")
     video = text_field(rec, key)
-    n = col.next_n(video)
-    qid = next((id_field(rec[k]) for k in ("uid", "question_id") if rec.get(k) is not None), f"{video}#{n}")
+    qid = col.item_id(rec, ("uid", "question_id"), video)
     text = text_field(rec, "question")
     if rec.get("options"):
         question, options = text, options_field(rec["options"])
@@ -409,11 +394,7 @@ def _longvideo_r1(col: Collector, where: str, rec: dict) -> None:
         except ValueError as e:
             raise RecordSkip(f"question: {e}") from None
     answer = answer_field(rec.get("answer"), options)
-    category = rec.get("question_type", rec.get("task_type"))
-    if isinstance(category, list):
-        category = ", ".join(scalar_text(c, "question_type") for c in category) or None
-    elif category is not None:
-        category = scalar_text(category, "question_type").strip() or None
+    category = category_field(rec.get("question_type", rec.get("task_type")), "question_type")
     extra: dict[str, Any] = {"benchmark": benchmark}
     if question != text:  # the options were lines of it: what the reference sends, as written
         extra["question_text"] = text

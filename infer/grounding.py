@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 
-from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, first_records, id_field, json_records,
-                            read_text, sniff_format, text_field)
+from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, extra_field, first_records,
+                            interval_list, interval_pair, json_records, read_text, seconds_field, sniff_format,
+                            source_field, text_field)
 
 __all__ = [
     "GROUNDING_FORMATS",
@@ -92,21 +93,12 @@ class GroundingItem:
 
 # ---------------------------------------------------------------- intervals
 
-def _seconds(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number of seconds, got {json.dumps(value, default=str)}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"{what} must be finite, got {value!r}")
-    return x
-
-
 def _duration(value: Any) -> float | None:
     """A record's video duration: None when absent, else a positive number of seconds."""
     if value is None:
         return None
     try:
-        d = _seconds(value, "'duration'")
+        d = seconds_field(value, "'duration'")
     except ValueError as e:
         raise RecordSkip(str(e)) from None
     if d <= 0:
@@ -121,23 +113,11 @@ def validate_intervals(value: Any, key: str, duration: float | None = None) -> t
     after end is *reversed*), and ``end <= duration`` when the duration is known.
     At least one pair. Raises ValueError naming the first bad pair.
     """
-    if value is None:
-        raise ValueError(f"missing {key!r} (at least one [start, end] interval in seconds)")
-    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"{key!r} must be a list of [start, end] pairs")
-    if not value:
-        raise ValueError(f"{key!r} is empty; at least one [start, end] interval is needed")
-    if len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise ValueError(f"{key!r} must be a list of [start, end] pairs, e.g. [[{value[0]}, {value[1]}]]")
-    return tuple(_interval(pair, f"{key}[{i}]", duration) for i, pair in enumerate(value))
+    return tuple(_interval(pair, f"{key}[{i}]", duration) for i, pair in enumerate(interval_list(value, key)))
 
 
 def _interval(pair: Any, where: str, duration: float | None) -> Interval:
-    if isinstance(pair, (str, bytes, dict)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
-        raise ValueError(f"{where} must be a [start, end] pair, got {json.dumps(pair, default=str)}")
-    start, end = _seconds(pair[0], f"{where} start"), _seconds(pair[1], f"{where} end")
-    if start < 0:
-        raise ValueError(f"{where}: start {start:g} is negative")
+    start, end = interval_pair(pair, where)
     if start > end:
         raise ValueError(f"{where}: [{start:g}, {end:g}] is reversed (start after end)")
     if start == end:
@@ -154,15 +134,6 @@ def _targets(value: Any, key: str, duration: float | None) -> tuple[Interval, ..
         raise RecordSkip(str(e)) from None
 
 
-def _extra(rec: dict) -> dict:
-    extra = rec.get("extra")
-    if extra is None:
-        return {}
-    if not isinstance(extra, dict):
-        raise RecordSkip("'extra' must be a JSON object")
-    return dict(extra)
-
-
 # ---------------------------------------------------------------- adapters
 
 def _native(col: Collector, where: str, rec: dict) -> None:
@@ -170,15 +141,11 @@ def _native(col: Collector, where: str, rec: dict) -> None:
     if schema != GROUNDING_SCHEMA:
         raise RecordSkip(f"schema {schema!r} is not {GROUNDING_SCHEMA!r}")
     video = text_field(rec, "video")
-    n = col.next_n(video)
-    qid = id_field(rec["id"]) if rec.get("id") is not None else f"{video}#{n}"
+    qid = col.item_id(rec, ("id",), video)
     query = text_field(rec, "query")
     duration = _duration(rec.get("duration"))
     targets = _targets(rec.get("targets"), "targets", duration)
-    source = rec.get("source", "native")
-    if not isinstance(source, str) or not source:
-        raise RecordSkip("'source' must be a non-empty string")
-    col.add(where, GroundingItem(qid, video, query, targets, duration, source, _extra(rec)))
+    col.add(where, GroundingItem(qid, video, query, targets, duration, source_field(rec, "native"), extra_field(rec)))
 
 
 # CG-Bench keys that become item fields; every other key is carried in `extra`.
@@ -187,8 +154,7 @@ _CGBENCH_MAPPED = {"video_uid", "qid", "question", "clue_intervals", "duration"}
 
 def _cgbench(col: Collector, where: str, rec: dict) -> None:
     video = text_field(rec, "video_uid")
-    n = col.next_n(video)
-    qid = id_field(rec["qid"]) if rec.get("qid") is not None else f"{video}#{n}"
+    qid = col.item_id(rec, ("qid",), video)
     query = text_field(rec, "question")
     duration = _duration(rec.get("duration"))
     if not rec.get("clue_intervals"):

@@ -10,8 +10,9 @@ is not JSON comes back as `BadLine`), which the loader turns into a one-line
 from __future__ import annotations
 
 import json
-import re
+import math
 import os
+import re
 import sys
 from typing import IO, Any, Callable, Iterator
 
@@ -216,6 +217,67 @@ def answer_field(value: Any, options: tuple[str, ...]) -> str:
         raise RecordSkip(str(e)) from None
 
 
+def category_field(value: Any, what: str = "category") -> str | None:
+    """A record's category as text: a list is joined with ", "; empty or absent is None."""
+    if isinstance(value, list):
+        return ", ".join(scalar_text(c, what) for c in value) or None
+    if value is None:
+        return None
+    return scalar_text(value, what).strip() or None
+
+
+def source_field(rec: dict, default: str) -> str:
+    """A record's ``source`` (where the item came from), `default` when absent."""
+    source = rec.get("source", default)
+    if not isinstance(source, str) or not source:
+        raise RecordSkip("'source' must be a non-empty string")
+    return source
+
+
+def extra_field(rec: dict) -> dict:
+    """A copy of a record's free-form ``extra`` object ({} when absent or null)."""
+    extra = rec.get("extra")
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise RecordSkip("'extra' must be a JSON object")
+    return dict(extra)
+
+
+def seconds_field(value: Any, what: str) -> float:
+    """A finite number of seconds; ValueError naming `what` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number of seconds, got {json.dumps(value, default=str)}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return x
+
+
+def interval_list(value: Any, key: str) -> list:
+    """A field that must hold a non-empty list of ``[start, end]`` pairs, checked as a list (each pair
+    is the caller's to check); ValueError naming `key` and what is wrong."""
+    if value is None:
+        raise ValueError(f"missing {key!r} (at least one [start, end] interval in seconds)")
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key!r} must be a list of [start, end] pairs")
+    if not value:
+        raise ValueError(f"{key!r} is empty; at least one [start, end] interval is needed")
+    if len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{key!r} must be a list of [start, end] pairs, e.g. [[{value[0]}, {value[1]}]]")
+    return list(value)
+
+
+def interval_pair(pair: Any, where: str) -> tuple[float, float]:
+    """One ``[start, end]`` pair of finite seconds, start not negative (order is the caller's rule)."""
+    if isinstance(pair, (str, bytes, dict)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise ValueError(f"{where} must be a [start, end] pair, got {json.dumps(pair, default=str)}")
+    start, end = seconds_field(pair[0], f"{where} start"), seconds_field(pair[1], f"{where} end")
+    if start < 0:
+        raise ValueError(f"{where}: start {start:g} is negative")
+    return start, end
+
+
 class Collector:
     """Gathers a load's items and errors, and keeps item ids (`.qid`) unique across it."""
 
@@ -229,6 +291,12 @@ class Collector:
         """1-based running count per video, for ids derived as f"{video}#{n}"."""
         self._counts[key] = self._counts.get(key, 0) + 1
         return self._counts[key]
+
+    def item_id(self, rec: dict, keys: tuple[str, ...], video: str) -> str:
+        """The record's id from the first of `keys` it holds, else ``f"{video}#{n}"`` (n counts the
+        video's records so far, this one included)."""
+        n = self.next_n(video)
+        return next((id_field(rec[k]) for k in keys if rec.get(k) is not None), f"{video}#{n}")
 
     def error(self, where: str, reason: str) -> None:
         self.errors.append(f"{where}: {reason}")

@@ -26,14 +26,14 @@ at all raises `QAFormatError`. The files and fields are read with the toolkit
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from ..infer.benchmarks import NATIVE_SCHEMA as QUESTION_SCHEMA, EvalFormatError, QuestionItem
-from ..prep.records import (STDIO, Collector, RecordSkip, answer_field, id_field, json_records, options_field,
-                            parquet_records, read_text, scalar_text, sniff_format, text_field)
+from ..prep.records import (STDIO, Collector, RecordSkip, answer_field, category_field, extra_field, interval_list, interval_pair,
+                            json_records, options_field, parquet_records, read_text, sniff_format,
+                            source_field, text_field)
 from .released_data import is_rl_row, rl_row
 
 __all__ = ["QA_FORMATS", "QA_SCHEMA", "QAFormatError", "QAItem", "load_qa_items", "validate_clues"]
@@ -74,15 +74,6 @@ class QAItem(QuestionItem):
 
 # ---------------------------------------------------------------- clues
 
-def _seconds(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number of seconds, got {json.dumps(value, default=str)}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"{what} must be finite, got {value!r}")
-    return x
-
-
 def validate_clues(value: Any, key: str = "clues", *, required: bool = True) -> tuple[tuple[float, float], ...]:
     """A list of ``[start, end]`` pairs in seconds -> tuple of float pairs.
 
@@ -92,24 +83,11 @@ def validate_clues(value: Any, key: str = "clues", *, required: bool = True) -> 
     """
     if not required and (value is None or (isinstance(value, (list, tuple)) and not value)):
         return ()
-    if value is None:
-        raise ValueError(f"missing {key!r} (at least one [start, end] interval in seconds)")
-    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"{key!r} must be a list of [start, end] pairs")
-    if not value:
-        raise ValueError(f"{key!r} is empty; at least one [start, end] interval is needed")
-    if len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise ValueError(f"{key!r} must be a list of [start, end] pairs, e.g. [[{value[0]}, {value[1]}]]")
     out = []
-    for i, pair in enumerate(value):
-        where = f"{key}[{i}]"
-        if isinstance(pair, (str, bytes, dict)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ValueError(f"{where} must be a [start, end] pair, got {json.dumps(pair, default=str)}")
-        start, end = _seconds(pair[0], f"{where} start"), _seconds(pair[1], f"{where} end")
-        if start < 0:
-            raise ValueError(f"{where}: start {start:g} is negative")
+    for i, pair in enumerate(interval_list(value, key)):
+        start, end = interval_pair(pair, f"{key}[{i}]")
         if not start < end:
-            raise ValueError(f"{where}: start {start:g} is not before end {end:g}")
+            raise ValueError(f"{key}[{i}]: start {start:g} is not before end {end:g}")
         out.append((start, end))
     return tuple(out)
 
@@ -123,14 +101,6 @@ def _clues(rec: dict, key: str) -> tuple[tuple[float, float], ...]:
         raise RecordSkip(str(e)) from None
 
 
-def _category(value: Any) -> str | None:
-    if isinstance(value, list):
-        return ", ".join(scalar_text(c, "category") for c in value) or None
-    if value is None:
-        return None
-    return scalar_text(value, "category").strip() or None
-
-
 # ---------------------------------------------------------------- adapters
 
 def _native(col: Collector, where: str, rec: dict) -> None:
@@ -138,24 +108,18 @@ def _native(col: Collector, where: str, rec: dict) -> None:
     if schema not in (QA_SCHEMA, QUESTION_SCHEMA):
         raise RecordSkip(f"schema {schema!r} is neither {QA_SCHEMA!r} nor {QUESTION_SCHEMA!r}")
     video = text_field(rec, "video")
-    n = col.next_n(video)
-    qid = id_field(rec["id"]) if rec.get("id") is not None else f"{video}#{n}"
+    qid = col.item_id(rec, ("id",), video)
     question = text_field(rec, "question")
     options = options_field(rec.get("options") or [])
     answer = answer_field(rec.get("answer"), options) if options else text_field(rec, "answer")
     clues = _clues(rec, "clues")
-    source = rec.get("source", "native")
-    if not isinstance(source, str) or not source:
-        raise RecordSkip("'source' must be a non-empty string")
-    extra = rec.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise RecordSkip("'extra' must be a JSON object")
-    extra = dict(extra)
+    source = source_field(rec, "native")
+    extra = extra_field(rec)
     if "subtitles" in rec:  # an lvr.question/1 field; kept so nothing is lost
         if not isinstance(rec["subtitles"], bool):
             raise RecordSkip(f"'subtitles' must be true or false, got {json.dumps(rec['subtitles'])}")
         extra["subtitles"] = rec["subtitles"]
-    col.add(where, QAItem(qid, video, question, options, answer, clues, _category(rec.get("category")),
+    col.add(where, QAItem(qid, video, question, options, answer, clues, category_field(rec.get("category")),
                           source, extra))
 
 
@@ -166,8 +130,7 @@ _CGBENCH_MAPPED = {"video_uid", "qid", "question", "choices", "right_answer", "a
 
 def _cgbench(col: Collector, where: str, rec: dict) -> None:
     video = text_field(rec, "video_uid")
-    n = col.next_n(video)
-    qid = id_field(rec["qid"]) if rec.get("qid") is not None else f"{video}#{n}"
+    qid = col.item_id(rec, ("qid",), video)
     question = text_field(rec, "question")
     options = options_field(rec.get("choices") or [])
     answer_text = rec.get("answer")
@@ -189,7 +152,7 @@ def _cgbench(col: Collector, where: str, rec: dict) -> None:
     if rec.get("sub_category") is not None:
         extra["sub_category"] = rec["sub_category"]
     col.add(where, QAItem(qid, video, question, options, answer, clues,
-                          _category(rec.get("sub_category")), "cgbench", extra))
+                          category_field(rec.get("sub_category")), "cgbench", extra))
 
 
 def _longvideo_r1(col: Collector, where: str, rec: dict) -> None:
