@@ -245,6 +245,18 @@ def node_label(node: dict, tool: str) -> str:
     return f"{node.get('path') or node.get('video_id')} node {node_id} ({node.get('level', '?')} level), {tool}"
 
 
+def frame_settings(node: dict, use_subtitles: bool = True) -> str:
+    """The frame-settings part of a node's caption key: what the captioner was shown besides the span."""
+    extra = {}
+    if node.get("frame_sampling"):  # keyframe-sampled frames are other frames: never mix their captions
+        extra = {"sampling": node["frame_sampling"].get("mode"), "tolerance": node["frame_sampling"].get("tolerance")}
+    subtitles = bool(use_subtitles and node.get("subtitles"))
+    if subtitles and node.get("transcript_id"):  # lines a speech model heard: never mix with others
+        extra["transcript"] = node["transcript_id"]
+    return CaptionKey.settings(frames=len(node.get("frame_indices") or []), side=node.get("image_side"),
+                               subtitles=subtitles, **extra)
+
+
 class Captioner:
     """Captions nodes through one model, reusing the shared caption store.
 
@@ -267,18 +279,9 @@ class Captioner:
         self._inflight: dict[str, asyncio.Future] = {}
 
     def key_for(self, node: dict) -> CaptionKey:
-        extra = {}
-        if node.get("frame_sampling"):  # keyframe-sampled frames are other frames: never mix their captions
-            extra = {"sampling": node["frame_sampling"].get("mode"),
-                     "tolerance": node["frame_sampling"].get("tolerance")}
-        subtitles = bool(self.options.use_subtitles and node.get("subtitles"))
-        if subtitles and node.get("transcript_id"):  # lines a speech model heard: never mix with others
-            extra["transcript"] = node["transcript_id"]
-        settings = CaptionKey.settings(frames=len(node.get("frame_indices", [])),
-                                       side=node.get("image_side"), subtitles=subtitles, **extra)
         return CaptionKey(video_id=node["video_id"], level=node["level"], start=node["start"],
                           end=node["end"], model=self.model.name, prompt_hash=self.prompt_hash,
-                          frame_settings=settings)
+                          frame_settings=frame_settings(node, self.options.use_subtitles))
 
     def cached(self, node: dict) -> CaptionResult | None:
         entry = self.store.get(self.key_for(node))

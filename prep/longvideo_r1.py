@@ -61,7 +61,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .caption_store import CaptionKey, CaptionStore
-from .captioning import CAPTION_SCHEMA, CaptionError, CaptionOptions, CaptionResult, Captioner, node_label
+from .captioning import (CAPTION_SCHEMA, CaptionError, CaptionOptions, CaptionResult, Captioner, frame_settings,
+                         node_label)
 from .frames import FrameStore
 from .models import NoModel
 from .tags import CAPTION, caption_text, wrap
@@ -128,10 +129,8 @@ def json_name(video_name: str) -> str:
 
 
 def default_frame_settings(node: dict) -> str:
-    """Frame settings a node was (or would be) captioned with, for the cache key."""
-    return CaptionKey.settings(frames=len(node.get("frame_indices") or []),
-                               side=node.get("image_side"),
-                               subtitles=bool(node.get("subtitles")))
+    """Frame settings a node was (or would be) captioned with, for the cache key (subtitles shown)."""
+    return frame_settings(node)
 
 
 def _atomic_write(path: Path, text: str) -> None:
