@@ -12,8 +12,8 @@ from ..prep.progress import shorten
 from ..prep.tree import node_count
 from .environment import EnvError, RoleUsage, VideoEnv
 from .profiles import LVR, PROTOCOLS, Profile, profile_named
-from .protocol import (STOP_STRINGS, Breach, ParsedTurn, complete_stopped_turn, extract_choice, merge_reasoning,
-                       parse_turn)
+from .protocol import (GROUNDING, QA, STOP_STRINGS, TASKS, Breach, ParsedTurn, complete_stopped_turn,
+                       extract_choice, merge_reasoning, parse_task_turn)
 
 
 AGENT_PANEL = "Navigation"
@@ -98,7 +98,8 @@ class Turn:
                        "node": list(call.node) if call else None,
                        "query": call.query if call else None,
                        "call": call.render() if call else None,
-                       "answer": p.answer, "error": self.breach},
+                       "answer": p.answer, "error": self.breach,
+                       "interval": list(p.interval) if p.interval is not None else None},
             "result": self.result, "seconds": round(self.seconds, 3), "dropped": self.dropped,
         }
 
@@ -139,6 +140,8 @@ class AgentResult:
     seconds: float = 0.0
     hints: list[Hint] = field(default_factory=list)
     protocol: str = LVR                 # the profile the messages are laid out in
+    task: str = QA                      # qa, or grounding: answered with an interval
+    interval: tuple[float, float] | None = None     # a grounding answer, in seconds
 
     def clean_messages(self) -> list[Message]:
         """The conversation without hint text: what `ask` would have sent and received."""
@@ -166,9 +169,13 @@ class AgentResult:
 
 
 async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tuple[str, ...] | list[str] = (),
-                    *, template: str, agent: AgentOptions = AgentOptions(),
+                    *, template: str, agent: AgentOptions = AgentOptions(), task: str = QA,
                     review: Review | None = None, on_turn: OnTurn | None = None) -> AgentResult:
     """Navigate until the model answers, runs out of rounds, or keeps breaking the rules.
+
+    `task` is what the question asks for: ``qa`` (text or an option letter) or ``grounding``
+    (a time interval, in `result.interval`; an answer that is not a usable interval is
+    corrected like any other breach). The tools, the loop and the environment are the same.
 
     Model and tool failures end the run with `stopped="error"` and a one-line
     `error`; everything up to then stays in the result. With `review`, an
@@ -176,10 +183,13 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
     to the last user message, and the loop goes on (teacher synthesis).
     `on_turn(turn)` is called as each turn ends, with its result (progress).
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     started = time.perf_counter()
     options = tuple(options)
     profile = agent.profile
-    result = AgentResult(question, options, reasoning=RoleUsage(model.name), protocol=profile.name)
+    grounding = task == GROUNDING
+    result = AgentResult(question, options, reasoning=RoleUsage(model.name), protocol=profile.name, task=task)
     try:
         high = await env.high_captions()
     except EnvError as e:
@@ -187,8 +197,8 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
         result.seconds = time.perf_counter() - started
         return result
     messages: list[Message] = [
-        {"role": "system", "content": profile.system_message(template, env.k)},
-        {"role": "user", "content": profile.first_user_content(question, options, env.duration, high)},
+        {"role": "system", "content": profile.system_message(template, env.k, grounding)},
+        {"role": "user", "content": profile.first_user_content(question, options, env.duration, high, grounding)},
     ]
     result.messages = messages
     invalid_in_a_row = 0
@@ -204,14 +214,14 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
             break
         result.reasoning.add(reply.usage, reply.seconds)
         text = complete_stopped_turn(merge_reasoning(reply.text, reply.reasoning))
-        parsed = parse_turn(text, env.k)
+        parsed = parse_task_turn(text, env.k, task, env.duration)
         turn = Turn(rnd, text, parsed, breach=parsed.breach)
         result.turns.append(turn)
         messages.append({"role": "assistant", "content": text})
 
         if parsed.answer is not None:
-            result.answer = parsed.answer
-            result.choice = extract_choice(parsed.answer, options)
+            result.answer, result.interval = parsed.answer, parsed.interval
+            result.choice = None if grounding else extract_choice(parsed.answer, options)
             result.stopped = Stop.ANSWERED
             verdict = await review(result, turn) if review is not None else Verdict(True)
             if not verdict.accept:
@@ -220,7 +230,7 @@ async def run_agent(model: ChatModel, env: VideoEnv, question: str, options: tup
                 if verdict.hint is None or last:
                     result.stopped = Stop.GAVE_UP
                 else:
-                    result.stopped, result.answer, result.choice = Stop.MAX_ROUNDS, None, None
+                    result.stopped, result.answer, result.choice, result.interval = Stop.MAX_ROUNDS, None, None, None
                     kept = sum(1 for t in result.turns if not t.dropped)
                     index = len(messages) - 1
                     result.hints.append(Hint(verdict.level, verdict.hint, kept, index, verdict.ids))

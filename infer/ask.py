@@ -10,6 +10,7 @@ from ..prep.jsonl import dumps, write_atomic
 from ..prep.progress import Reporter
 from .navigator import Asked, Navigator, NavigatorOptions, build_trace
 from .progress import AskProgress
+from .protocol import QA
 
 ANSWER_SCHEMA = "lvr.answer/1"
 
@@ -19,8 +20,10 @@ def answer_record(asked: Asked, trace: dict) -> dict:
     result = asked.result
     return {
         "schema": ANSWER_SCHEMA, "video_id": trace["video"]["video_id"], "path": asked.video,
-        "question": result.question, "options": list(result.options),
-        "answer": result.answer, "choice": result.choice, "stopped": result.stopped, "error": result.error,
+        "task": result.task, "question": result.question, "options": list(result.options),
+        "answer": result.answer, "choice": result.choice,
+        "interval": list(result.interval) if result.interval is not None else None,
+        "stopped": result.stopped, "error": result.error,
         "accounting": trace["accounting"], "settings": asked.settings,
     }
 
@@ -37,8 +40,10 @@ def write_trace_files(trace: dict, navigator: Navigator, trace_path: "str | os.P
 
 def ask_video(video: "str | os.PathLike", question: str, options: tuple[str, ...], nav: NavigatorOptions,
               cache_dir: Path, *, subtitles: bool = True, trace_path=None, html_path=None,
-              reporter: Reporter | None = None) -> tuple[Asked, dict]:
+              reporter: Reporter | None = None, task: str = QA) -> tuple[Asked, dict]:
     """Segment (cached), navigate, answer; write the trace files asked for.
+
+    `task="grounding"` answers with a time interval (`lvr ground`).
 
     `reporter` shows the segmenting and each round as they happen (nothing without one).
     Raises ModelError when an endpoint cannot be reached at all; every other
@@ -50,7 +55,7 @@ def ask_video(video: "str | os.PathLike", question: str, options: tuple[str, ...
         navigator = Navigator(nav, cache_dir)
         try:
             await navigator.preflight()
-            asked = await navigator.ask(video, question, options, subtitles=subtitles,
+            asked = await navigator.ask(video, question, options, subtitles=subtitles, task=task,
                                         callbacks=progress.callbacks)
         finally:
             progress.close()

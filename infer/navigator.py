@@ -30,6 +30,7 @@ from ..prep.tree import TreeOptions
 from .agent import AgentOptions, AgentResult, OnTurn, Review, run_agent
 from .environment import VideoEnv
 from .profiles import Profile, Prompts
+from .protocol import QA
 from .video_qa import VideoQA
 
 TRACE_SCHEMA = "lvr.trace/1"
@@ -291,10 +292,12 @@ class Navigator:
         return self.options.settings(self.prompts, subtitles, self.released.record() if self.released else None)
 
     async def ask(self, video: "str | os.PathLike", question: str, options: tuple[str, ...] = (),
-                  *, subtitles: bool = True, nodes: list[dict] | None = None,
+                  *, subtitles: bool = True, nodes: list[dict] | None = None, task: str = QA,
                   make_review: Callable[[VideoEnv], Review] | None = None,
                   callbacks: AskCallbacks = AskCallbacks()) -> Asked:
         """Answer one question about one video. Failures come back in `Asked.error`, never raised.
+
+        `task`: ``qa``, or ``grounding`` for a query answered with a time interval (`run_agent`).
 
         `make_review(env)` gives a reviewer for the answers (teacher synthesis).
         """
@@ -303,7 +306,7 @@ class Navigator:
 
         settings = self.settings(subtitles)
         started = time.perf_counter()
-        empty = AgentResult(question, tuple(options))
+        empty = AgentResult(question, tuple(options), task=task)
         segment_seconds = 0.0
         try:
             if nodes is None:
@@ -319,7 +322,7 @@ class Navigator:
             callbacks.on_tree(env)
         reasoning = _FirstRequest(self.model(self.options.reasoning))
         result = await run_agent(reasoning, env, question, options,
-                                 template=self.template, agent=self.options.agent,
+                                 template=self.template, agent=self.options.agent, task=task,
                                  review=make_review(env) if make_review else None, on_turn=callbacks.on_turn)
         first = None if reasoning.sent_at is None else reasoning.sent_at - started
         await asyncio.to_thread(keep_substitutes, nodes, self.cache_dir)
@@ -342,8 +345,9 @@ def build_trace(asked: Asked, *, correct_answer: str | None = None, correct: boo
         "schema": TRACE_SCHEMA,
         "video": {"video_id": env.video_id if env else None, "path": asked.video,
                   "duration": env.duration if env else None, "K": env.k if env else None},
-        "question": result.question, "options": list(result.options),
-        "answer": {"text": result.answer, "choice": result.choice},
+        "task": result.task, "question": result.question, "options": list(result.options),
+        "answer": {"text": result.answer, "choice": result.choice,
+                   "interval": list(result.interval) if result.interval is not None else None},
         "correct_answer": correct_answer, "correct": correct,
         "stopped": result.stopped, "error": result.error,
         "turns": [t.to_record() for t in result.turns],

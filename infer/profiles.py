@@ -82,6 +82,14 @@ them. Answer from what the frames show, briefly and concretely; name the \
 timestamp when it helps. If the frames do not show the answer, say so plainly \
 instead of guessing."""
 
+GROUNDING_NOTE = """
+
+This question is a grounding query: it describes a moment, and you must find \
+when it happens. Go down the tree to the clips that show it, then answer with \
+its time interval in seconds from the start of the video, the start first, \
+exactly like <answer>[754.5, 790]</answer>. Spans and timestamps in the \
+messages are written [h:]mm:ss (01:15.2 is 75.2 seconds, 1:02:05.5 is 3725.5)."""
+
 LAST_ROUND_NOTICE = ("This is your last turn. Tools are no longer available: give your final answer "
                      "now, inside <answer></answer>.")
 
@@ -134,6 +142,9 @@ class Profile:
     spans_from_frames: bool         # a clip runs from its first to its last sampled frame (else its node span)
     compact_ids: bool               # (2,3) instead of (2, 3)
     captions_tagged: bool           # captions shown inside <caption></caption>
+    # -- a grounding query (the interval answer kind): a note after the system prompt, the query block
+    grounding_note: str
+    grounding_question: str         # {question}
     # -- the first user message: the question block, the duration, one block per high clip
     question: str                   # {question}
     options: str                    # {options} (one per line), appended to the question block when given
@@ -176,14 +187,18 @@ class Profile:
 
     # -- the conversation
 
-    def system_message(self, template: str, k: int) -> str:
+    def system_message(self, template: str, k: int, grounding: bool = False) -> str:
+        """The navigator's system prompt for a tree of width k; a grounding query adds the note that
+        says so and how to answer it."""
         # str.replace, not str.format: a user's prompt file may hold other braces.
-        return template.replace(self.width_field, str(k))
+        text = template.replace(self.width_field, str(k))
+        return text + self.grounding_note if grounding else text
 
     def first_user_content(self, question: str, options, duration: float,
-                           high: list[tuple[tuple[int, ...], float, float, str]]) -> "str | list[dict]":
-        """Question, options, duration and the K high captions with their times."""
-        head = self.question.format(question=question.strip())
+                           high: list[tuple[tuple[int, ...], float, float, str]],
+                           grounding: bool = False) -> "str | list[dict]":
+        """Question (or grounding query), options, duration and the K high captions with their times."""
+        head = (self.grounding_question if grounding else self.question).format(question=question.strip())
         if options:
             head += self.options.format(options="\n".join(o.strip() for o in options))
         blocks = [head, self.duration.format(duration=duration, seconds=TIME_FORMATS["seconds"](duration),
@@ -302,6 +317,7 @@ LVR_PROFILE = Profile(
     system_prompt=DEFAULT_SYSTEM_PROMPT, qa_system_prompt=DEFAULT_QA_SYSTEM_PROMPT,
     caption_system_prompt=DEFAULT_CAPTION_PROMPT, width_field="{K}", verbatim_prompts=False,
     times="clock", spans_from_frames=False, compact_ids=False, captions_tagged=False,
+    grounding_note=GROUNDING_NOTE, grounding_question="Find when this happens in the video: {question}",
     question="Question: {question}", options="\nOptions:\n{options}",
     duration="The video is {clock} long ({duration:.1f} s). Captions of its {count} high-level clips:",
     high_caption="Clip {id}, {span}:\n{caption}", parts=False, separator="\n\n",
@@ -317,6 +333,9 @@ LONGVIDEO_R1_PROFILE = Profile(
     system_prompt=None, qa_system_prompt=None, caption_system_prompt=None, width_field="{width}",
     verbatim_prompts=True,
     times="seconds", spans_from_frames=True, compact_ids=True, captions_tagged=True,
+    grounding_note=("\nThis question asks for a time span of the video. Answer with its start and end in "
+                    "seconds, like <answer>[754.5, 790.0]</answer>."),
+    grounding_question="Find the time span of the video where this happens: {question}\n",
     question="{question}\n", options="{options}\n",
     duration="The total duration of the video is {seconds} seconds.",
     high_caption="High-level Caption {index} from {start} to {end}:{caption}", parts=True, separator="\n",

@@ -36,8 +36,9 @@ A grounding answer breaks the rules when it is unreadable, reversed
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..prep import tags
@@ -357,6 +358,10 @@ def parse_turn(text: str, k: int) -> ParsedTurn:
 
 # -- the interval answer kind (grounding) -----------------------------------------------
 
+# The tasks a question can be: answered with text or a letter, or with a time interval.
+QA, GROUNDING = "qa", "grounding"
+TASKS = (QA, GROUNDING)
+
 _SECONDS = r"(-?\d{1,7}(?:\.\d{1,6})?)\s*s?"
 _INTERVAL_RE = re.compile(rf"\[\s*{_SECONDS}\s*,\s*{_SECONDS}\s*\]", re.ASCII)
 _MAX_INTERVAL_CHARS = 200   # longer answers are never one interval (and are not scanned)
@@ -423,6 +428,24 @@ def parse_grounding_turn(text: str, k: int, duration: float | None) -> ParsedTur
     if isinstance(got, str):
         return ParsedTurn(parsed.think, breach=got, message=interval_correction(got, parsed.answer, duration))
     return ParsedTurn(parsed.think, answer=parsed.answer, interval=got)
+
+
+def answer_limit(duration: float) -> float:
+    """The latest end a grounding answer may give: the duration as the first message shows it
+    (to 0.1 s), rounded up, so an answer that ends at the shown length is not outside the video."""
+    return math.ceil(round(float(duration) * 10, 6)) / 10
+
+
+def parse_task_turn(text: str, k: int, task: str, duration: float) -> ParsedTurn:
+    """One turn read for its task: `parse_turn` for a question, `parse_grounding_turn` for a grounding
+    query, whose interval is then clipped to the video's real length. Never raises."""
+    if task != GROUNDING:
+        return parse_turn(text, k)
+    parsed = parse_grounding_turn(text, k, answer_limit(duration))
+    if parsed.interval is None:
+        return parsed
+    start, end = (min(t, float(duration)) for t in parsed.interval)
+    return replace(parsed, interval=(start, end))
 
 
 # -- answers ----------------------------------------------------------------------------

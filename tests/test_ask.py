@@ -100,7 +100,7 @@ def test_scripted_navigation_end_to_end(clip, tmp_path):
     assert acc["models"]["qa"]["completion_tokens"] == len(QA_REPLY.split())
     assert [(v["tool"], v["node"]) for v in trace["visits"]] == [
         ("get_caption", [2, 3]), ("get_caption", [2, 3, 1]), ("video_qa", [2, 3, 1])]
-    assert trace["answer"] == {"text": "B", "choice": "B"} and trace["stopped"] == "answered"
+    assert trace["answer"] == {"text": "B", "choice": "B", "interval": None} and trace["stopped"] == "answered"
     record = json.loads((tmp_path / "answer.jsonl").read_text())
     assert record["schema"] == "lvr.answer/1" and record["choice"] == "B"
     assert record["settings"]["max_rounds"] == 30 and record["settings"]["subtitles"] is True
