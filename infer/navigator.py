@@ -132,6 +132,7 @@ class Asked:
     error: str | None = None
     segment_seconds: float = 0.0    # loading or segmenting the tree (0 when another question had it)
     first_request_seconds: float | None = None  # from the question to the first reasoning request
+    strategy: str = "navigate"      # what answered: navigate, or ground-then-answer
 
     def accounting(self) -> dict:
         """The agent's accounting plus the time spent on the tree; empty when there was no tree."""
@@ -345,7 +346,7 @@ def build_trace(asked: Asked, *, correct_answer: str | None = None, correct: boo
         "schema": TRACE_SCHEMA,
         "video": {"video_id": env.video_id if env else None, "path": asked.video,
                   "duration": env.duration if env else None, "K": env.k if env else None},
-        "task": result.task, "question": result.question, "options": list(result.options),
+        "task": result.task, "strategy": asked.strategy, "question": result.question, "options": list(result.options),
         "answer": {"text": result.answer, "choice": result.choice,
                    "interval": list(result.interval) if result.interval is not None else None},
         "correct_answer": correct_answer, "correct": correct,
