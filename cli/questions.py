@@ -1,4 +1,4 @@
-"""`lvr questions`: grounded multiple-choice questions from caption trees, filtered."""
+"""`lvr questions`: grounded multiple-choice questions (or grounding queries) from caption trees, filtered."""
 
 from __future__ import annotations
 
@@ -34,19 +34,25 @@ def questions_command(
                                               help="Write each `video` relative to DIR (give the same DIR to "
                                                    "`lvr synthesize --video-dir`). Default: the videos' common "
                                                    "parent folder. Videos outside it are refused."),
+    task: str = typer.Option("qa", "--task", metavar="qa|grounding", rich_help_panel=QUESTIONS_PANEL,
+                             help="qa: multiple-choice questions (lvr.qa/1, for `lvr synthesize`); grounding: "
+                                  "queries that describe a moment, with the anchors' span as the target "
+                                  "(lvr.grounding/1)."),
     per_video: int = typer.Option(8, "--per-video", min=1, rich_help_panel=QUESTIONS_PANEL,
-                                  help="Questions to keep per video."),
+                                  help="Questions (or grounding queries) to keep per video."),
     multi_share: float = typer.Option(0.5, "--multi-share", min=0.0, max=1.0, rich_help_panel=QUESTIONS_PANEL,
                                       help="Share of them that are multi-segment (2-3 anchor leaves under "
-                                           "different medium clips); the rest are single-segment."),
+                                           "different medium clips), or with --task grounding span queries "
+                                           "(2-3 adjacent leaves); the rest are single-segment."),
     max_tries: int = typer.Option(3, "--max-tries", min=1, rich_help_panel=QUESTIONS_PANEL,
                                   help="Candidates tried per wanted question before a video is left short."),
     min_anchors: int = typer.Option(2, "--min-anchors", min=2, rich_help_panel=QUESTIONS_PANEL,
-                                    help="Fewest anchor leaves of a multi-segment question."),
+                                    help="Fewest anchor leaves of a multi-segment question or a span."),
     max_anchors: int = typer.Option(3, "--max-anchors", min=2, rich_help_panel=QUESTIONS_PANEL,
-                                    help="Most anchor leaves of a multi-segment question."),
+                                    help="Most anchor leaves of a multi-segment question or a span."),
     distractor_leaves: int = typer.Option(3, "--distractor-leaves", min=0, rich_help_panel=QUESTIONS_PANEL,
-                                          help="Other leaves shown to the writer as sources of distractors."),
+                                          help="Other leaves shown to the writer as sources of distractors "
+                                               "(qa only)."),
     json_retries: int = typer.Option(2, "--json-retries", min=0, rich_help_panel=QUESTIONS_PANEL,
                                      help="Ask again this often when a reply is not the JSON asked for; "
                                           "then the question is named as failed."),
@@ -59,7 +65,7 @@ def questions_command(
                                                    "are look-alikes."),
     leak_tries: int = typer.Option(1, "--leak-tries", min=1, rich_help_panel=FILTERS_PANEL,
                                    help="No leaks: drop a question the model answers right with no captions "
-                                        "in each of this many tries (options rotated each try)."),
+                                        "in each of this many tries (options rotated each try; qa only)."),
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
     main=None, connection=None, sampling=None,
@@ -78,6 +84,13 @@ def questions_command(
     (specificity, checked on the most similar leaves). Questions that pass
     are appended to -o as lvr.qa/1 records; a rerun skips finished questions.
 
+    With --task grounding it writes grounding queries instead: each
+    describes the moment of one leaf, or of a span of 2-3 adjacent leaves,
+    and its target is exactly that span. They pass the look-alike,
+    answerable and specificity filters (a query that another leaf would
+    also fit, a look-alike above all, is dropped) and are appended as
+    lvr.grounding/1 records (the native grounding file format).
+
     Exit status: 0 all done, 1 some videos or questions failed (each named on stderr), 2 usage error.
 
     Examples:
@@ -89,17 +102,19 @@ def questions_command(
       lvr questions captions.jsonl --model M --base-url U --video-root ~/videos -o qa.jsonl && lvr synthesize qa.jsonl --video-dir ~/videos --model M --base-url U -o trajectories.jsonl
 
       lvr segment ~/videos/ | lvr caption - --model VLM --base-url U | lvr questions - --model M --base-url U -o qa.jsonl
+
+      lvr questions captions.jsonl --task grounding --model M --base-url U --multi-share 0.3 --rejected dropped.jsonl -o grounding.jsonl
     """
     from ..prep.jsonl import RecordError
     from ..prep.models.base import ModelError
-    from ..train.questions import QuestionOptions, QuestionsError, run_questions
+    from ..train.questions import TASK_NOUNS, QuestionOptions, QuestionsError, run_questions
 
     options = QuestionOptions(
         per_video=per_video, multi_share=multi_share, max_tries=max_tries, min_anchors=min_anchors,
         max_anchors=max_anchors, distractor_leaves=distractor_leaves, specificity_k=specificity_k,
         lookalike_threshold=lookalike_threshold, leak_tries=leak_tries, json_retries=json_retries,
         temperature=sampling.temperature, max_tokens=sampling.max_tokens, seed=sampling.seed, video_root=video_root,
-        concurrency=connection.concurrency)
+        concurrency=connection.concurrency, task=task)
     spec = connection.spec(main)
     log = (lambda msg: None) if quiet else (lambda msg: say(f"lvr questions: {msg}"))
     try:
@@ -111,8 +126,10 @@ def questions_command(
             say(f"lvr questions: error: {err}")
     dropped = ", ".join(f"{name} {n}" for name, n in sorted(summary.dropped.items()))
     u = summary.usage
-    say(f"lvr questions: {sum(summary.written.values())} questions written ({summary.written['single']} single, "
-        f"{summary.written['multi']} multi), {sum(summary.dropped.values())} dropped"
+    single, shared = options.kinds
+    say(f"lvr questions: {sum(summary.written.values())} {TASK_NOUNS[options.task]} written "
+        f"({summary.written[single]} single, {summary.written[shared]} {shared}), "
+        f"{sum(summary.dropped.values())} dropped"
         + (f" ({dropped})" if dropped else "")
         + f", {summary.skipped} already done, {len(summary.failed)} failed; {summary.videos} videos; "
         f"{u.prompt_tokens} prompt + {u.completion_tokens} completion tokens in {u.requests} requests; "

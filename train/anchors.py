@@ -1,9 +1,9 @@
 """Which leaves a question is written from: seeded anchor slots and distractor leaves.
 
-A slot is one numbered try at a question of a kind: slot n of a video is the same
-in every run with the same seed, so a rerun can skip the slots already tried.
-Anchors never include two look-alike leaves, and distractor sources are never
-look-alikes of an anchor.
+A slot is one numbered try at a question (or grounding query) of a kind: slot n of
+a video is the same in every run with the same seed, so a rerun can skip the slots
+already tried. Anchors never include two look-alike leaves, and distractor sources
+are never look-alikes of an anchor.
 """
 
 from __future__ import annotations
@@ -21,16 +21,21 @@ def seeded_rng(*parts: Any) -> random.Random:
     return random.Random(":".join(str(p) for p in parts))
 
 
+# The id tag of each (task, kind): ids are `<video_id>-<tag><n>`, so the kinds of both tasks never collide.
+ID_TAGS = {("qa", "single"): "s", ("qa", "multi"): "m", ("grounding", "single"): "g", ("grounding", "span"): "gs"}
+
+
 @dataclass
 class Slot:
     index: VideoIndex
-    kind: str                     # single or multi
+    kind: str                     # qa: single or multi; grounding: single or span
     n: int                        # the slot's number among its video's slots of this kind
     anchors: tuple[NodeId, ...]
+    task: str = "qa"              # qa or grounding
 
     @property
     def qid(self) -> str:
-        return f"{self.index.tree.video_id}-{self.kind[0]}{self.n}"
+        return f"{self.index.tree.video_id}-{ID_TAGS[self.task, self.kind]}{self.n}"
 
 
 def single_anchor_slots(index: VideoIndex, seed: int) -> list[tuple[NodeId, ...]]:
@@ -68,6 +73,33 @@ def multi_anchor_slots(index: VideoIndex, seed: int, count: int, min_anchors: in
         if key not in seen:
             seen.add(key)
             slots.append(key)
+    return slots
+
+
+def span_anchor_slots(index: VideoIndex, seed: int, count: int, min_leaves: int = 2,
+                      max_leaves: int = 3) -> list[tuple[NodeId, ...]]:
+    """Up to `count` seeded spans of 2-3 adjacent leaves (next to each other in time), in time order.
+
+    A span may cross medium and high boundaries. Slot n does not depend on `count` (the
+    draws come from one seeded stream), no span holds two look-alikes, and no span repeats.
+    """
+    rng = seeded_rng(seed, index.tree.video_id, "span")
+    leaves = index.leaves                     # in time order: ids sort as their spans do
+    top = min(max_leaves, len(leaves))
+    if top < min_leaves:
+        return []
+    slots: list[tuple[NodeId, ...]] = []
+    seen: set[tuple[NodeId, ...]] = set()
+    for _ in range(count * 50):
+        if len(slots) >= count:
+            break
+        n = rng.randint(min_leaves, top)
+        first = rng.randrange(len(leaves) - n + 1)
+        span = tuple(leaves[first:first + n])
+        if span in seen or any(index.lookalike(a, b) is not None for a in span for b in span if a < b):
+            continue
+        seen.add(span)
+        slots.append(span)
     return slots
 
 

@@ -100,6 +100,15 @@ class VideoIndex:
     def lookalike(self, a: NodeId, b: NodeId) -> float | None:
         return self.lookalikes.get(a, {}).get(b)
 
+    def near_duplicates(self, anchors: Sequence[NodeId]) -> dict[NodeId, tuple[NodeId, float]]:
+        """The non-anchor look-alikes of the anchors: leaf -> (the anchor it is closest to, cosine)."""
+        near: dict[NodeId, tuple[NodeId, float]] = {}
+        for a in anchors:
+            for b, s in self.lookalikes.get(a, {}).items():
+                if b not in anchors and s > near.get(b, (a, -1.0))[1]:
+                    near[b] = (a, s)
+        return near
+
 
 def lookalike_pairs(index: VideoIndex) -> list[tuple[NodeId, NodeId, float]]:
     return sorted({(min(a, b), max(a, b), s) for a, near in index.lookalikes.items() for b, s in near.items()})

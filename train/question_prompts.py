@@ -11,8 +11,15 @@ Four kinds of request, each a system prompt plus a user message built here:
   specificity filters);
 - **answer blind**: the same with no captions at all (the no-leak filter).
 
-Every reply is one JSON object. `PROMPT_VERSION` and the prompt texts make up
-`prompt_hash()`, recorded with every question, so a changed prompt is visible in the output.
+And two for grounding queries (`--task grounding`):
+
+- **write a grounding query**: one description of the moment that 1-3 adjacent anchor
+  leaves show, with the leaves just before and after it for its edges;
+- **does the query fit**: given some clip captions, does the query describe what they
+  show (the answerable and specificity filters).
+
+Every reply is one JSON object. `PROMPT_VERSION` and each task's prompt texts make up
+`prompt_hash(task)`, recorded with every question, so a changed prompt is visible in the output.
 """
 
 from __future__ import annotations
@@ -70,14 +77,43 @@ which option is right without watching the video, answer "none".
 
 Reply with one JSON object only, no other text: {"answer": "B"} or {"answer": "none"}."""
 
+GROUNDING_WRITER_SYSTEM = """\
+You write search queries for finding moments in a long video. Each query is one \
+sentence that describes what happens in one moment, the way someone would type it \
+to find that moment; a model must then give the moment's start and end time. You \
+never see the video, only captions of its clips, each with its id and time span.
+
+Rules:
+- Describe the MOMENT clip(s) only: what is seen or said there, with the details \
+(who, where, what happens) that only this moment has, so the query fits this moment \
+and no other part of the video.
+- When the moment spans several clips, describe the whole of it, in order, so that \
+each of its clips is part of what the query says. Do not describe the clips just \
+before or after it: the moment starts with its first clip and ends with its last.
+- Do not mention clip ids, time spans, timestamps or captions. Write a plain \
+description (e.g. "a man in a blue coat opens the red door"), not a question.
+
+Reply with one JSON object only, no other text: {"query": "..."}"""
+
+FITS_SYSTEM = """\
+You judge whether a description of a moment fits some video clips, using ONLY the \
+clip captions given: you cannot see the video, and nothing outside these captions \
+counts. Answer "yes" only if the captions clearly show everything the description \
+says, and every clip given is part of the described moment; otherwise answer "no".
+
+Reply with one JSON object only, no other text: {"answer": "yes"} or {"answer": "no"}."""
+
 JSON_CORRECTION = ("Your reply could not be used: {reason}. Reply again with one JSON object only, "
                    "exactly in the format asked for, and no other text.")
 
+# The prompt texts of each task (`--task`): a changed text changes that task's hash only.
+_TASK_PROMPTS = {"qa": (WRITER_SYSTEM, MULTI_RULES, ANSWER_SYSTEM, BLIND_SYSTEM),
+                 "grounding": (GROUNDING_WRITER_SYSTEM, FITS_SYSTEM)}
 
-def prompt_hash() -> str:
-    """Identifies every prompt text and layout `lvr questions` uses."""
-    text = "\n\x00".join([PROMPT_VERSION, WRITER_SYSTEM, MULTI_RULES, ANSWER_SYSTEM, BLIND_SYSTEM,
-                          JSON_CORRECTION])
+
+def prompt_hash(task: str = "qa") -> str:
+    """Identifies every prompt text and layout `lvr questions --task TASK` uses."""
+    text = "\n\x00".join([PROMPT_VERSION, *_TASK_PROMPTS[task], JSON_CORRECTION])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -134,6 +170,26 @@ def answer_messages(question: str, options: Sequence[str], clips: Sequence[Clip]
 def blind_messages(question: str, options: Sequence[str]) -> list[dict]:
     lines = _question_block(question, options) + ["", "Answer as one JSON object."]
     return [{"role": "system", "content": BLIND_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def grounding_writer_messages(duration: float, anchors: Sequence[Clip], before: Clip | None,
+                              after: Clip | None) -> list[dict]:
+    what = "1 clip" if len(anchors) == 1 else f"{len(anchors)} adjacent clips, in time order"
+    lines = [f"The video is {format_time(duration)} long ({duration:.1f} s).", "",
+             f"The MOMENT to describe ({what}):", ""] + _clips("Clip", anchors)
+    if before is not None:
+        lines += ["Just BEFORE the moment (not part of it):", _clip("Clip", before), ""]
+    if after is not None:
+        lines += ["Just AFTER the moment (not part of it):", _clip("Clip", after), ""]
+    lines.append("Write one grounding query for the moment, as one JSON object.")
+    return [{"role": "system", "content": GROUNDING_WRITER_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def fits_messages(query: str, clips: Sequence[Clip]) -> list[dict]:
+    lines = ["Captions of the video clips you may use, in time order:", ""] + _clips("Clip", clips)
+    lines += [f"Moment: {query.strip()}", "",
+              "Does this description fit these clips, from the captions only? Answer as one JSON object."]
+    return [{"role": "system", "content": FITS_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 
 def correction_message(reason: str) -> dict:

@@ -2,7 +2,8 @@
 
 A reply that is not the JSON asked for is asked again with a correction saying why,
 a few times; then the question fails. The writer's reply becomes a `Draft`, a
-filter's reply the option letter it chose (or None for "none").
+filter's reply the option letter it chose (or None for "none"); for grounding, the
+writer's reply becomes the query text and a filter's reply a yes or no.
 """
 
 from __future__ import annotations
@@ -132,6 +133,32 @@ def check_choice(obj: dict, options: Sequence[str]) -> str | None:
     return letter
 
 
+# A time (00:12, 1:02:03) or a clip id ((1, 2, 3)): a grounding query that says where its moment is gives it away.
+_WHERE_RE = re.compile(r"\b\d{1,2}:\d{2}\b|\(\s*\d+\s*,\s*\d+\s*(,\s*\d+\s*)?\)")
+
+
+def check_query(obj: dict) -> str:
+    """The grounding writer's JSON -> the query text (whitespace collapsed), or ReplyError."""
+    query = obj.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise ReplyError("'query' must be a non-empty string")
+    query = " ".join(query.split())
+    if _WHERE_RE.search(query):
+        raise ReplyError("'query' must not give times or clip ids; describe what happens")
+    return query
+
+
+def check_fits(obj: dict) -> bool:
+    """A grounding filter's JSON -> True for "yes", False for "no", or ReplyError."""
+    value = obj.get("answer")
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower().strip(".!") if isinstance(value, str) else None
+    if word not in ("yes", "no"):
+        raise ReplyError("'answer' must be \"yes\" or \"no\"")
+    return word == "yes"
+
+
 class JsonAsker:
     """One chat model asked for JSON replies; its requests are added to the `usage` given."""
 
@@ -164,3 +191,7 @@ class JsonAsker:
     async def choose(self, messages: list[dict], options: Sequence[str], usage: Usage, what: str) -> str | None:
         """The option letter the model picks, or None for "none"."""
         return await self.ask_json(messages, lambda obj: check_choice(obj, options), usage, what=what)
+
+    async def fits(self, messages: list[dict], usage: Usage, what: str) -> bool:
+        """Whether the model says the query fits the clips (yes or no)."""
+        return await self.ask_json(messages, check_fits, usage, what=what)

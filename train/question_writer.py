@@ -4,6 +4,10 @@ The writer is shown the anchor leaves (and, for a multi-segment question, the hi
 captions and the anchors' medium captions) and a few other leaves as distractor
 sources. Our code, not the model, puts the options in a seeded order, so answer
 letters come out balanced.
+
+A grounding query (`--task grounding`) is written from its anchor leaves (one, or a
+span of adjacent ones) and the leaves just before and after them, which mark the
+moment's edges.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from ..prep.models.base import Usage
 from ..prep.tree import NodeId
 from . import question_prompts as prompts
 from .anchors import Slot, distractor_leaves, seeded_rng
-from .question_replies import N_OPTIONS, Draft, JsonAsker, check_draft
+from .question_replies import N_OPTIONS, Draft, JsonAsker, check_draft, check_query
 
 
 @dataclass
@@ -64,3 +68,23 @@ async def write_candidate(asker: JsonAsker, slot: Slot, usage: Usage, *, seed: i
             sources[LETTERS[i]] = draft.distractors[j][1]
             j += 1
     return Candidate(slot, draft, options, LETTERS[pos], sources)
+
+
+@dataclass
+class GroundingCandidate:
+    slot: Slot
+    query: str
+
+
+async def write_grounding_candidate(asker: JsonAsker, slot: Slot, usage: Usage, *, seed: int,
+                                    temperature: float) -> GroundingCandidate:
+    """Ask the writer for a grounding query on the slot's anchors; raises QuestionFailed."""
+    tree = slot.index.tree
+    leaves = slot.index.leaves
+    first, last = leaves.index(slot.anchors[0]), leaves.index(slot.anchors[-1])
+    before = tree.clip(leaves[first - 1]) if first > 0 else None
+    after = tree.clip(leaves[last + 1]) if last + 1 < len(leaves) else None
+    messages = prompts.grounding_writer_messages(tree.duration, [tree.clip(a) for a in slot.anchors], before, after)
+    query = await asker.ask_json(messages, check_query, usage, temperature=temperature,
+                                 seed=_seed_int(seed, slot.qid), what="writing")
+    return GroundingCandidate(slot, query)

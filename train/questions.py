@@ -21,6 +21,11 @@ written and filtered; a few questions in flight through the one work queue. The 
 Questions that pass go to the output as ``lvr.qa/1`` records (what `lvr synthesize`
 reads); dropped ones optionally to a rejected file. Each finished question is one
 append, so a killed run loses nothing and a rerun skips questions already written.
+
+With ``task="grounding"`` (`--task grounding`) the same batch writes grounding queries
+instead: each describes the moment of one leaf or of a span of 2-3 adjacent leaves
+(`span_anchor_slots`), passes the grounding filters, and is written as an
+``lvr.grounding/1`` record whose target is exactly the anchors' span.
 """
 
 from __future__ import annotations
@@ -35,18 +40,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ..infer.grounding import GroundingItem
 from ..prep.jsonl import JsonlWriter, RecordError
 from ..prep.models.base import Usage
 from ..prep.tree import NodeId
 from ..prep.work_queue import run_jobs
 from . import question_prompts as prompts
-from .anchors import Slot, multi_anchor_slots, single_anchor_slots
+from .anchors import ID_TAGS, Slot, multi_anchor_slots, single_anchor_slots, span_anchor_slots
 from .caption_trees import CaptionTree, assign_video_names, load_caption_trees
 from .lexicon import VideoIndex
 from .qa_items import QA_SCHEMA
-from .question_filters import QuestionFilters
+from .question_filters import GroundingFilters, QuestionFilters
 from .question_replies import JsonAsker, QuestionFailed
-from .question_writer import write_candidate
+from .question_writer import write_candidate, write_grounding_candidate
 
 # Also reachable from here, as before the split into modules (tests and callers import them
 # from lvr.train.questions; strip_think is how the writer's replies lose their reasoning).
@@ -54,11 +60,18 @@ from ..prep.tags import strip_think
 from .lexicon import lookalike_pairs
 from .question_replies import ReplyError, parse_json_reply
 
-__all__ = ["KINDS", "SOURCE", "QuestionMaker", "QuestionOptions", "QuestionsError", "QuestionsSummary",
-           "run_questions", "CaptionTree", "load_caption_trees", "VideoIndex", "lookalike_pairs",
-           "single_anchor_slots", "multi_anchor_slots", "ReplyError", "parse_json_reply", "strip_think"]
+__all__ = ["KINDS", "TASKS", "TASK_KINDS", "SOURCE", "QuestionMaker", "GroundingMaker", "QuestionOptions",
+           "QuestionsError", "QuestionsSummary", "run_questions", "CaptionTree", "load_caption_trees", "VideoIndex",
+           "lookalike_pairs", "single_anchor_slots", "multi_anchor_slots", "span_anchor_slots", "ReplyError",
+           "parse_json_reply", "strip_think"]
 SOURCE = "lvr questions"
 KINDS = ("single", "multi")
+TASKS = ("qa", "grounding")
+# Each task's kinds: the second one is the share `multi_share` asks for.
+TASK_KINDS = {"qa": KINDS, "grounding": ("single", "span")}
+# How the summary and notes name a task's items and its second kind.
+TASK_NOUNS = {"qa": "questions", "grounding": "grounding queries"}
+KIND_NAMES = {"single": "single", "multi": "multi-segment", "span": "span"}
 
 
 class QuestionsError(Exception):
@@ -82,23 +95,31 @@ class QuestionOptions:
     seed: int = 0
     video_root: Path | None = None  # `video` is written relative to it; default: the videos' common parent
     concurrency: int = 8            # questions in flight
+    task: str = "qa"                # qa: multiple-choice questions; grounding: grounding queries
 
     def validate(self) -> None:
+        if self.task not in TASKS:
+            raise QuestionsError(f"--task takes {' or '.join(TASKS)}, not {self.task!r}")
         if self.per_video < 1:
             raise QuestionsError("--per-video must be at least 1")
         if not 0.0 <= self.multi_share <= 1.0:
             raise QuestionsError(f"--multi-share must be between 0 and 1, not {self.multi_share:g}")
         if not 2 <= self.min_anchors <= self.max_anchors:
-            raise QuestionsError("multi-segment questions need 2 <= --min-anchors <= --max-anchors")
+            raise QuestionsError("multi-segment questions and spans need 2 <= --min-anchors <= --max-anchors")
         if not 0.0 < self.lookalike_threshold <= 1.0:
             raise QuestionsError("--lookalike-threshold must be in (0, 1]")
         for name in ("max_tries", "leak_tries", "concurrency"):
             if getattr(self, name) < 1:
                 raise QuestionsError(f"--{name.replace('_', '-')} must be at least 1")
 
+    @property
+    def kinds(self) -> tuple[str, str]:
+        return TASK_KINDS[self.task]
+
     def wanted(self) -> dict[str, int]:
+        single, shared = self.kinds
         multi = int(math.floor(self.per_video * self.multi_share + 0.5))
-        return {"single": self.per_video - multi, "multi": multi}
+        return {single: self.per_video - multi, shared: multi}
 
     def to_record(self) -> dict:
         d = asdict(self)
@@ -138,9 +159,36 @@ class QuestionMaker:
         return record, fail is None
 
 
+class GroundingMaker:
+    """Writes and filters grounding queries through one chat model."""
+
+    def __init__(self, chat, options: QuestionOptions):
+        self.o = options
+        self.asker = JsonAsker(chat, max_tokens=options.max_tokens, json_retries=options.json_retries)
+        self.filters = GroundingFilters(self.asker, specificity_k=options.specificity_k)
+
+    async def make(self, slot: Slot, producer: dict, usage: Usage) -> tuple[dict, bool]:
+        """One grounding query: write it, filter it; its requests are added to `usage`. Returns (record, kept)."""
+        cand = await write_grounding_candidate(self.asker, slot, usage, seed=self.o.seed,
+                                               temperature=self.o.temperature)
+        verdicts = await self.filters.run(cand, usage)
+        tree = slot.index.tree
+        # The target is the anchors' span: from the first anchor's start to the last one's end.
+        target = (tree.span(slot.anchors[0])[0], tree.span(slot.anchors[-1])[1])
+        extra = {"video_id": tree.video_id, "category": slot.kind, "anchors": [list(a) for a in slot.anchors],
+                 "filters": [v.to_record() for v in verdicts], "producer": {**producer, "captioners": tree.captioners},
+                 "tokens": usage.to_record()}
+        record = GroundingItem(slot.qid, tree.video, cand.query, (target,), tree.duration, SOURCE, extra).to_record()
+        fail = next((v for v in verdicts if v.verdict == "fail"), None)
+        if fail is not None:
+            record["rejected_by"] = fail.name
+            record["reason"] = fail.reason
+        return record, fail is None
+
+
 # -- the batch ------------------------------------------------------------------------------------
 
-_ID_RE = re.compile(r"^(?P<vid>.+)-(?P<kind>[sm])(?P<n>\d+)$")
+_ID_RE = re.compile(r"^(?P<vid>.+)-(?P<tag>gs|[smg])(?P<n>\d+)$")
 
 
 @dataclass
@@ -162,37 +210,43 @@ class _Plan:
                  tried: dict[str, set[int]]):
         self.tree = tree
         self.o = options
+        self.kinds = options.kinds
         self.wanted = options.wanted()
         self.kept = kept
         self.tried = tried
-        self.in_flight = {k: 0 for k in KINDS}
+        self.in_flight = {k: 0 for k in self.kinds}
         self.index: VideoIndex | None = None
         self.slots: dict[str, list[tuple[NodeId, ...]]] = {}
         self.finished = False
 
     def remaining(self) -> int:
-        return sum(max(0, self.wanted[k] - self.kept[k]) for k in KINDS)
+        return sum(max(0, self.wanted[k] - self.kept[k]) for k in self.kinds)
 
     def _ensure(self) -> None:
         if self.index is None:
-            self.index = VideoIndex.build(self.tree, self.o.lookalike_threshold)
-            limit = {k: self.o.max_tries * self.wanted[k] for k in KINDS}
-            self.slots = {"single": single_anchor_slots(self.index, self.o.seed)[:limit["single"]],
-                          "multi": multi_anchor_slots(self.index, self.o.seed, limit["multi"],
-                                                      self.o.min_anchors, self.o.max_anchors)}
+            o = self.o
+            self.index = VideoIndex.build(self.tree, o.lookalike_threshold)
+            limit = {k: o.max_tries * self.wanted[k] for k in self.kinds}
+            self.slots = {"single": single_anchor_slots(self.index, o.seed)[:limit["single"]]}
+            if o.task == "grounding":
+                self.slots["span"] = span_anchor_slots(self.index, o.seed, limit["span"], o.min_anchors,
+                                                       o.max_anchors)
+            else:
+                self.slots["multi"] = multi_anchor_slots(self.index, o.seed, limit["multi"], o.min_anchors,
+                                                         o.max_anchors)
 
     def next_slot(self) -> Slot | None:
         if self.finished or self.remaining() == 0:
             return None
         self._ensure()
-        for kind in KINDS:
+        for kind in self.kinds:
             if self.kept[kind] + self.in_flight[kind] >= self.wanted[kind]:
                 continue
             for n, anchors in enumerate(self.slots[kind], 1):
                 if n not in self.tried[kind]:
                     self.tried[kind].add(n)
                     self.in_flight[kind] += 1
-                    return Slot(self.index, kind, n, anchors)
+                    return Slot(self.index, kind, n, anchors, self.o.task)
         return None
 
     def next_slot_possible(self) -> bool:
@@ -200,17 +254,20 @@ class _Plan:
             return False
         self._ensure()
         return any(self.kept[k] + self.in_flight[k] < self.wanted[k]
-                   and any(n not in self.tried[k] for n in range(1, len(self.slots[k]) + 1)) for k in KINDS)
+                   and any(n not in self.tried[k] for n in range(1, len(self.slots[k]) + 1)) for k in self.kinds)
 
 
-def _existing(records: list[dict]) -> dict[str, dict[str, set[int]]]:
-    """video_id -> kind -> slot numbers, from our own earlier records."""
+def _existing(records: list[dict], task: str) -> dict[str, dict[str, set[int]]]:
+    """video_id -> kind -> slot numbers, from our own earlier records of this task."""
+    kind_of = {tag: kind for (t, kind), tag in ID_TAGS.items() if t == task}
     out: dict[str, dict[str, set[int]]] = {}
     for r in records:
         m = _ID_RE.match(str(r.get("id", ""))) if r.get("source") == SOURCE else None
-        if m and r.get("video_id") == m.group("vid"):
-            kind = "single" if m.group("kind") == "s" else "multi"
-            out.setdefault(m.group("vid"), {k: set() for k in KINDS})[kind].add(int(m.group("n")))
+        extra = r.get("extra") if isinstance(r.get("extra"), dict) else {}
+        # QA records carry video_id at the top level, grounding records in `extra`.
+        if m and m.group("tag") in kind_of and r.get("video_id", extra.get("video_id")) == m.group("vid"):
+            out.setdefault(m.group("vid"), {k: set() for k in TASK_KINDS[task]})[kind_of[m.group("tag")]].add(
+                int(m.group("n")))
     return out
 
 
@@ -244,16 +301,16 @@ def run_questions(source: str, output: "str | os.PathLike | None", model, option
     summary.videos = len(trees)
     if root is not None:
         log(f"videos are named relative to {root}")
-    producer = {"tool": SOURCE, "version": __version__, "prompt_hash": prompts.prompt_hash(),
+    producer = {"tool": SOURCE, "version": __version__, "prompt_hash": prompts.prompt_hash(options.task),
                 "seed": options.seed, "options": options.to_record()}
     with JsonlWriter(output) as out, (JsonlWriter(rejected) if rejected is not None else _NoWriter()) as rej:
-        kept = _existing(out.existing)
-        tried = _existing(out.existing + rej.existing)
+        kept = _existing(out.existing, options.task)
+        tried = _existing(out.existing + rej.existing, options.task)
         plans = []
         for t in trees:
-            k_kept = {k: len(kept.get(t.video_id, {}).get(k, ())) for k in KINDS}
+            k_kept = {k: len(kept.get(t.video_id, {}).get(k, ())) for k in options.kinds}
             summary.skipped += sum(k_kept.values())
-            k_tried = {k: set(tried.get(t.video_id, {}).get(k, ())) for k in KINDS}
+            k_tried = {k: set(tried.get(t.video_id, {}).get(k, ())) for k in options.kinds}
             plans.append(_Plan(t, options, k_kept, k_tried))
         asyncio.run(_run_all(plans, out, rej, model, options, producer, summary, log, progress))
     summary.seconds = time.perf_counter() - t0
@@ -277,16 +334,17 @@ async def _run_all(plans: list[_Plan], out, rej, model, options: QuestionOptions
                    summary: QuestionsSummary, log, progress: bool) -> None:
     from tqdm.auto import tqdm
 
+    noun = TASK_NOUNS[options.task]
     total = sum(p.remaining() for p in plans)
     if total == 0:
         if plans:
-            log("nothing to do: every video has its questions already")
+            log(f"nothing to do: every video has its {noun} already")
         return
     chat = model.build()
     producer = {**producer, "model": chat.name}
-    maker = QuestionMaker(chat, options)
-    bar = tqdm(total=total, unit="question", desc="questions", disable=None if progress else True,
-               dynamic_ncols=True)
+    maker = GroundingMaker(chat, options) if options.task == "grounding" else QuestionMaker(chat, options)
+    unit = "query" if options.task == "grounding" else "question"
+    bar = tqdm(total=total, unit=unit, desc=noun, disable=None if progress else True, dynamic_ncols=True)
     cursor = 0
 
     def next_job() -> tuple[_Plan, Slot] | None:
@@ -310,9 +368,9 @@ async def _run_all(plans: list[_Plan], out, rej, model, options: QuestionOptions
         short = plan.remaining()
         if short:
             bar.update(short)
-            got = {k: plan.kept[k] for k in KINDS}
-            msg = (f"{plan.tree.label}: kept {got['single']} single and {got['multi']} multi-segment "
-                   f"questions of {plan.wanted['single']} and {plan.wanted['multi']} wanted "
+            single, shared = plan.kinds
+            msg = (f"{plan.tree.label}: kept {plan.kept[single]} single and {plan.kept[shared]} "
+                   f"{KIND_NAMES[shared]} {noun} of {plan.wanted[single]} and {plan.wanted[shared]} wanted "
                    f"(candidates used up; raise --max-tries or lower --per-video)")
             summary.short.append(msg)
             log(f"note: {msg}")
