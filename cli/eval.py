@@ -9,20 +9,23 @@ import typer
 
 from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, FormatOption, OutputOption, VideoDirOption, QuietOption, fail_usage,
                      say, say_error, tokens_phrase)
-from ..infer.evaluate import EvalOptions
+from ..infer.evaluate import EvalOptions, item_noun
 from .model_options import NAVIGATOR
 from .options import Group, takes
 
 DATA_PANEL = "Questions"
-SCORING = Group(EvalOptions, only=("scoring",), panel=DATA_PANEL, build=lambda values: values["scoring"])
+# The options EvalOptions declares as data; the command's own flags fill in the rest.
+EVAL = Group(EvalOptions, only=("scoring", "task"), panel=DATA_PANEL, build=dict)
 
 
-@takes(nav=NAVIGATOR, scoring=SCORING)
+@takes(nav=NAVIGATOR, settings=EVAL)
 def eval_command(
     questions: str = typer.Argument(..., metavar="QUESTIONS|-",
                                     help="Questions with answers: native JSONL, LVBench, Video-MME (JSONL, a "
                                          "JSON list or parquet), MLVU dev, or the LongVideo-R1 flat evaluation "
-                                         "lists (a file, an MLVU folder, or - for stdin)."),
+                                         "lists (a file, an MLVU folder, or - for stdin); or grounding queries "
+                                         "with target intervals: lvr.grounding/1, ActivityNet-Captions or "
+                                         "Charades-STA JSON, CG-Bench (with --task grounding)."),
     output: Optional[Path] = OutputOption,
     summary: Optional[Path] = typer.Option(None, "--summary", metavar="FILE",
                                            help="Also write the summary record (JSON) here."),
@@ -42,9 +45,9 @@ def eval_command(
     cache_dir: Optional[Path] = CacheDirOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    nav=None, scoring=None,
+    nav=None, settings=None,
 ) -> None:
-    """Answer a benchmark's questions by navigation, and score them.
+    """Answer a benchmark's questions (or grounding queries) by navigation, and score them.
 
     One lvr.eval/1 record per question is appended to the output as soon as
     it is answered, with the prediction, whether it is right, its accounting
@@ -55,6 +58,11 @@ def eval_command(
     --scoring reference scores as LongVideo-R1's eval/evaluation.py does (the
     answer text equal to the key, no answer counted as A); records and summary
     name the rule, and the summary gives the accuracy under both.
+
+    A grounding file (told by the file, or --task grounding) holds queries answered with a
+    time interval: each record has the interval, the targets and the IoU with the best
+    target (0 without an answer), and the summary gives mIoU and R@0.3/0.5/0.7 overall and
+    by video duration (<2min, 2-10min, 10-30min, >=30min).
 
     Exit status: 0 all answered, 1 some questions failed (each named on stderr), 2 usage error.
 
@@ -68,16 +76,19 @@ def eval_command(
 
       lvr eval lvbench.jsonl --scoring reference --video-dir lvbench/videos --config configs/vllm.yaml -o lvbench.jsonl
 
+      lvr eval charades_sta_test.json --video-dir charades/videos --config configs/vllm.yaml -o charades.jsonl --summary charades.summary.json
+
+      lvr eval cgbench.json --task grounding --video-dir cgbench/videos --config configs/vllm.yaml -o cg-grounding.jsonl
+
       lvr eval lvbench.json --captions lvbench/captions --video-dir lvbench/videos --base-url http://localhost:8000/v1 --model longvideor1 --qa-base-url http://localhost:8001/v1 --qa-model Qwen3-VL-32B -o lvbench.jsonl
     """
-    from ..infer.benchmarks import EVAL_FORMATS, EvalFormatError
+    from ..infer.benchmarks import EvalFormatError
     from ..infer.evaluate import run_eval
+    from ..infer.protocol import GROUNDING
     from ..prep.cache import resolve_cache_dir
     from ..prep.models.base import ModelError
     from ..prep.progress import Reporter
 
-    if format not in EVAL_FORMATS:
-        raise fail_usage(f"--format takes {', '.join(EVAL_FORMATS)}, not {format!r}")
     if videomme_duration not in ("short", "medium", "long", "all"):
         raise fail_usage(f"--videomme-duration takes short, medium, long or all, not {videomme_duration!r}")
     reporter = Reporter("lvr eval", enabled=not quiet)
@@ -85,7 +96,7 @@ def eval_command(
         options = EvalOptions(format=format, subtitles=subtitles,
                               videomme_duration=None if videomme_duration == "all" else videomme_duration,
                               video_dir=video_dir, concurrency=question_concurrency, max_questions=max_questions,
-                              scoring=scoring)
+                              **settings)
         result = run_eval(questions, output, nav, resolve_cache_dir(cache_dir), options, summary_path=summary,
                           traces_path=traces, log=reporter.line, reporter=reporter)
     except (ModelError, EvalFormatError, ValueError, OSError) as e:
@@ -94,16 +105,29 @@ def eval_command(
         for err in result.load_errors + result.failed:
             say_error(err)
     r = result.report
-    counts = (f"{result.done} questions answered now, {result.skipped} already done, {len(result.failed)} failed, "
-              f"{len(result.load_errors)} bad records")
+    counts = (f"{result.done} {item_noun(result.task)} answered now, {result.skipped} already done, "
+              f"{len(result.failed)} failed, {len(result.load_errors)} bad records")
     if not r["questions"]:
         say(f"lvr eval: {counts}; nothing to score ({result.seconds:.1f} s).")
     else:
-        say(f"lvr eval: {counts}. Accuracy ({r['scoring']} scoring) {r['correct']}/{r['questions']} = "
-            f"{r['accuracy']:.1%}; "
-            f"{r['mean_rounds']:.1f} rounds and {r['mean_caption_calls']:.1f} caption calls per question "
+        scores = []
+        if "accuracy" in r:
+            scores.append(f"Accuracy ({r['scoring']} scoring) {r['correct']}/{r['tasks']['qa']} = {r['accuracy']:.1%}")
+        if "grounding" in r:
+            scores.append(f"Grounding {grounding_phrase(r['grounding'])} over {r['grounding']['count']} queries")
+        say(f"lvr eval: {counts}. {'; '.join(scores)}; "
+            f"{r['mean_rounds']:.1f} rounds and {r['mean_caption_calls']:.1f} caption calls per "
+            f"{'query' if result.task == GROUNDING else 'question'} "
             f"(a full captioning would need {r['mean_exhaustive_captions']:.0f}); {tokens_phrase(r['tokens'])}; "
             f"{r['segment_seconds']:.1f} s segmenting; {result.seconds:.1f} s in all.")
-    for category, c in r["per_category"].items():
+    for category, c in r.get("per_category", {}).items():
         say(f"lvr eval:   {category}: {c['accuracy']:.1%} of {c['questions']}")
+    for bucket, g in r.get("grounding", {}).get("by_duration", {}).items():
+        say(f"lvr eval:   {bucket}: {grounding_phrase(g)} of {g['count']}")
     raise typer.Exit(EXIT_SOME_FAILED if (result.failed or result.load_errors) else EXIT_OK)
+
+
+def grounding_phrase(scores: dict) -> str:
+    """`mIoU 0.4639, R@0.3 66.7%, R@0.5 50.0%, R@0.7 33.3%` from a summary's grounding scores."""
+    recall = ", ".join(f"{k} {v:.1%}" for k, v in scores.items() if k.startswith("R@"))
+    return f"mIoU {scores['miou']:.4f}, {recall}"

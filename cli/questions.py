@@ -9,12 +9,14 @@ import typer
 
 from .common import EXIT_OK, EXIT_SOME_FAILED, ConfigOption, OutputOption, QuietOption, fail_usage, say
 from .model_options import CONNECTION, MAIN_ROLE
+from ..infer.grounding import TaskOptions
 from ..prep.models import SamplingOptions
 from .options import Group, takes
 
 QUESTIONS_PANEL = "Questions"
 MODEL_PANEL = "Writing model"
 FILTERS_PANEL = "Filters"
+TASK = Group(TaskOptions, panel=QUESTIONS_PANEL, build=lambda v: v["task"])
 
 
 # The writer samples (the filters use temperature 0); these are this command's defaults.
@@ -22,7 +24,7 @@ WRITER_SAMPLING = Group(SamplingOptions, only=("seed", "temperature", "max_token
                         defaults={"seed": 0, "temperature": 0.7, "max_tokens": 1024}, panel=QUESTIONS_PANEL)
 
 
-@takes(main=MAIN_ROLE.with_panel(MODEL_PANEL), connection=CONNECTION.with_panel(MODEL_PANEL), sampling=WRITER_SAMPLING)
+@takes(main=MAIN_ROLE.with_panel(MODEL_PANEL), connection=CONNECTION.with_panel(MODEL_PANEL), sampling=WRITER_SAMPLING, task=TASK)
 def questions_command(
     captions: str = typer.Argument(..., metavar="CAPTIONS.jsonl|-",
                                    help="lvr.caption/1 records from `lvr caption`, every level (a file, or -)."),
@@ -34,10 +36,6 @@ def questions_command(
                                               help="Write each `video` relative to DIR (give the same DIR to "
                                                    "`lvr synthesize --video-dir`). Default: the videos' common "
                                                    "parent folder. Videos outside it are refused."),
-    task: str = typer.Option("qa", "--task", metavar="qa|grounding", rich_help_panel=QUESTIONS_PANEL,
-                             help="qa: multiple-choice questions (lvr.qa/1, for `lvr synthesize`); grounding: "
-                                  "queries that describe a moment, with the anchors' span as the target "
-                                  "(lvr.grounding/1)."),
     per_video: int = typer.Option(8, "--per-video", min=1, rich_help_panel=QUESTIONS_PANEL,
                                   help="Questions (or grounding queries) to keep per video."),
     multi_share: float = typer.Option(0.5, "--multi-share", min=0.0, max=1.0, rich_help_panel=QUESTIONS_PANEL,
@@ -68,7 +66,7 @@ def questions_command(
                                         "in each of this many tries (options rotated each try; qa only)."),
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    main=None, connection=None, sampling=None,
+    main=None, connection=None, sampling=None, task=None,
 ) -> None:
     """Write grounded multiple-choice questions from caption trees, for `lvr synthesize`.
 

@@ -527,9 +527,10 @@ def resolve_video(item_video: str, video_dir: "str | Path", *,
     raise VideoNotFoundError(f"video {item_video!r} not found in {str(video_dir)!r} (tried {shown})")
 
 
-def resolve_item_video(item: EvalItem, video_dir: "str | Path", *,
+def resolve_item_video(item: Any, video_dir: "str | Path", *,
                        extensions: Sequence[str] = VIDEO_EXTENSIONS) -> Path:
-    """`resolve_video` for an item, also trying its ``extra["video_subdir"]`` (MLVU task folders)."""
+    """`resolve_video` for an item (an EvalItem or a grounding item: its ``video`` and ``extra``),
+    also trying its ``extra["video_subdir"]`` (MLVU task folders)."""
     sub = item.extra.get("video_subdir")
     subdirs = [sub] if isinstance(sub, str) and sub else []
     return resolve_video(item.video, video_dir, extensions=extensions, subdirs=subdirs)

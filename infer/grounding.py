@@ -21,6 +21,9 @@ and fields is `lvr.prep.records`.
 The metrics (`temporal_iou`, `best_iou`, `mean_iou`, `recall_at`,
 `duration_bucket`, `score_grounding`) are pure functions; this module is the
 one home of the temporal IoU formula (the train layer imports it from here).
+
+`TaskOptions` is the one home of the ``--task qa|grounding`` option, and
+`grounding_format_of` tells a grounding file from a question file (`lvr eval`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 
+from ..prep.options import check_options, option
 from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, extra_field, first_records,
                             interval_list, interval_pair, json_records, read_text, seconds_field, sniff_format,
                             source_field, text_field)
+from .protocol import QA, TASKS
 
 __all__ = [
     "GROUNDING_FORMATS",
@@ -44,6 +49,8 @@ __all__ = [
     "GroundingFormatError",
     "GroundingItem",
     "GroundingScores",
+    "TaskOptions",
+    "grounding_format_of",
     "load_grounding_items",
     "validate_intervals",
     "temporal_iou",
@@ -51,6 +58,7 @@ __all__ = [
     "mean_iou",
     "recall_at",
     "duration_bucket",
+    "item_bucket",
     "score_grounding",
 ]
 
@@ -61,6 +69,25 @@ GROUNDING_SCHEMA = "lvr.grounding/1"
 GroundingFormatError = RecordFileError
 
 Interval = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Which kind of item a command reads or writes: a question (`qa`) or a grounding query.
+
+    The one home of ``--task``; a command's settings subclass it and may give it another default
+    (`lvr eval`'s None: told by the file, `lvr.infer.evaluate.EvalOptions`).
+    """
+
+    task: str | None = option(
+        QA, "--task", metavar="qa|grounding", choices=TASKS,
+        help="What kind of item: qa, questions answered with an option letter or text; grounding, queries "
+             "answered with a time interval, its start and end in seconds (lvr.grounding/1). questions writes qa "
+             "unless told; eval tells it from the file unless told (CG-Bench needs grounding: its clue intervals "
+             "become the targets).")
+
+    def __post_init__(self):
+        check_options(self)
 
 
 @dataclass(frozen=True)
@@ -274,6 +301,19 @@ def _whole_object(text: str) -> Any:
         return None
 
 
+def grounding_format_of(text: str) -> str | None:
+    """The grounding format a file's text is in ("native", "activitynet" or "cgbench"), told as
+    `load_grounding_items` tells it with ``auto``; None when it is not a grounding file (a question
+    file, or text that cannot be read). Never raises."""
+    if _is_activitynet(_whole_object(text)):
+        return "activitynet"
+    try:
+        first = next((rec for _, rec in first_records(json_records("-", text)) if isinstance(rec, dict)), None)
+    except RecordFileError:
+        return None
+    return _sniff(first) if first is not None else None
+
+
 def load_grounding_items(path: "str | Path", fmt: str = "auto", *,
                          stdin: IO[str] | None = None) -> tuple[list[GroundingItem], list[str]]:
     """Read a grounding file (``-`` for stdin) into items.
@@ -368,6 +408,12 @@ def duration_bucket(duration: float | None) -> str:
     return next((name for name, lo, hi in DURATION_BUCKETS if lo <= duration < hi), UNKNOWN_BUCKET)
 
 
+def item_bucket(item: GroundingItem, probed: float | None = None) -> str:
+    """An item's duration bucket: from the duration its source gives, else from `probed` (the length
+    read from the video file), else ``unknown``."""
+    return duration_bucket(item.duration if item.duration is not None else probed)
+
+
 @dataclass(frozen=True)
 class GroundingScores:
     """mIoU and R@0.3/0.5/0.7 over `count` items (recall keys are the thresholds)."""
@@ -400,8 +446,7 @@ def score_grounding(items: Iterable[GroundingItem], predictions: Mapping[str, Se
     for item in items:
         iou = best_iou(predictions.get(item.qid), item.targets)
         ious.append(iou)
-        duration = item.duration if item.duration is not None else (durations or {}).get(item.video)
-        by_bucket.setdefault(duration_bucket(duration), []).append(iou)
+        by_bucket.setdefault(item_bucket(item, (durations or {}).get(item.video)), []).append(iou)
     order = [name for name, _, _ in DURATION_BUCKETS] + [UNKNOWN_BUCKET]
     return {"overall": GroundingScores.of(ious),
             "by_duration": {b: GroundingScores.of(by_bucket[b]) for b in order if b in by_bucket}}

@@ -69,6 +69,7 @@ def test_eval_records_and_summary(bench, tmp_path):
     for r in records:
         n = int(r["qid"][1:])
         assert r["schema"] == "lvr.eval/1" and r["correct"] is expected_correct(n)
+        assert r["task"] == "qa" and r["strategy"] == "navigate"
         assert r["accounting"]["rounds"] == 2 and r["accounting"]["get_caption_calls"] == 1
         assert r["accounting"]["exhaustive_captions"] == 84
         assert r["settings"]["models"]["reasoning"]["model"] == "navigator"
@@ -77,6 +78,7 @@ def test_eval_records_and_summary(bench, tmp_path):
     report = json.loads(summary.read_text())
     right = sum(expected_correct(n) for n in range(1, N + 1))
     assert report["questions"] == N and report["correct"] == right
+    assert report["tasks"] == {"qa": N, "grounding": 0} and "grounding" not in report
     assert report["accuracy"] == round(right / N, 4)
     assert report["per_category"]["odd"]["questions"] == 10
     assert report["per_category"]["odd"]["accuracy"] == round(sum(expected_correct(n) for n in range(1, N + 1, 2)) / 10, 4)

@@ -12,6 +12,7 @@ from lvr.infer.grounding import (
     GroundingItem,
     best_iou,
     duration_bucket,
+    grounding_format_of,
     load_grounding_items,
     mean_iou,
     recall_at,
@@ -259,3 +260,13 @@ def test_files_that_cannot_be_read_at_all(tmp_path):
         load_grounding_items(broken, "activitynet")
     with pytest.raises(GroundingFormatError, match="is a directory"):
         load_grounding_items(tmp_path)
+
+
+def test_a_grounding_file_is_told_from_a_question_file(tmp_path):
+    for fmt, write in WRITERS.items():
+        assert grounding_format_of(write(tmp_path / f"{fmt}.json").read_text()) == fmt
+    question = {"schema": "lvr.question/1", "video": "a.mp4", "question": "Q?", "options": ["A. x", "B. y"],
+                "answer": "A"}
+    lvbench = {"key": "abc", "qa": [{"question": "Q?\n(A) x\n(B) y", "answer": "A"}]}
+    for text in (json.dumps(question) + "\n", json.dumps(lvbench) + "\n", "[1, 2", "{not json\n", ""):
+        assert grounding_format_of(text) is None, text
