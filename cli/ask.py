@@ -7,13 +7,14 @@ from typing import List, Optional
 
 import typer
 
-from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, NoSubtitlesOption, OutputOption, QuietOption,
-                     fail_usage, naming, say, say_error, tokens_phrase)
-from .model_options import ASK_NAVIGATOR
+from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, HtmlOption, NoSubtitlesOption,
+                     OutputOption, QuietOption, TraceOption, VerboseOption, fail_usage, naming, navigation_summary, say,
+                     say_error)
+from .model_options import ASK_QUESTION_NAVIGATOR
 from .options import takes
 
 
-@takes(nav=ASK_NAVIGATOR)
+@takes(nav=ASK_QUESTION_NAVIGATOR)
 def ask_command(
     video: Path = typer.Argument(..., metavar="VIDEO", help="A local video file."),
     question: str = typer.Argument(..., metavar="QUESTION", help="The question, in quotes."),
@@ -21,15 +22,12 @@ def ask_command(
                                      help='A multiple-choice option, e.g. "A. a red car" (repeat; '
                                           "letters are added when missing)."),
     output: Optional[Path] = OutputOption,
-    trace: Optional[Path] = typer.Option(None, "--trace", metavar="FILE",
-                                         help="Write the full conversation and every step (lvr.trace/1 JSONL)."),
-    html: Optional[Path] = typer.Option(None, "--html", metavar="FILE",
-                                        help="Write a self-contained page: the tree, the visited path, each turn."),
+    trace: Optional[Path] = TraceOption,
+    html: Optional[Path] = HtmlOption,
     cache_dir: Optional[Path] = CacheDirOption,
     no_subtitles: bool = NoSubtitlesOption,
     quiet: bool = QuietOption,
-    verbose: bool = typer.Option(False, "-v", "--verbose",
-                                 help="Show each round on stderr as it ends: the think text, the call, the result."),
+    verbose: bool = VerboseOption,
     config: Optional[Path] = ConfigOption,
     nav=None,
 ) -> None:
@@ -40,6 +38,10 @@ def ask_command(
     low captions, or asks a vision model about a leaf's frames, one tool per
     turn, until it answers. Only the nodes it visits are ever captioned, and
     captions are kept in the shared store, so later questions reuse them.
+
+    With --ground-then-answer the navigator first finds the span of the video
+    that answers the question, and the video_qa model answers from up to
+    --gta-frames frames of it.
 
     The answer goes to stdout; a summary (rounds, captions made and reused,
     tokens, time) goes to stderr. While it works, stderr shows progress: bars
@@ -56,10 +58,12 @@ def ask_command(
       lvr ask clip.mp4 "Who enters the room?" --backend transformers --model ./my-navigator --caption-model ./qwen2.5-vl-3b --trace trace.jsonl
 
       lvr ask movie.mp4 "Where is the cat at the end?" --config configs/vllm.yaml --max-rounds 15
+
+      lvr ask match.mp4 "Who scores the second goal?" --ground-then-answer --gta-frames 48 --config configs/vllm.yaml
     """
     from ..infer.ask import answer_record, ask_video
-    from ..infer.progress import time_spent
-    from ..infer.protocol import normalise_options
+    from ..infer.navigator import stop_reason
+    from ..infer.protocol import format_interval, normalise_options
     from ..prep.lettering import LETTERS
     from ..prep.cache import resolve_cache_dir
     from ..prep.jsonl import dumps, write_atomic
@@ -85,16 +89,12 @@ def ask_command(
         chosen = options[LETTERS.index(result.choice)] if result.choice and result.choice in LETTERS[:len(options)] else None
         typer.echo(chosen or result.answer)
     if not quiet and acc:
-        calls = acc["caption_calls"]
-        say(f"lvr ask: {acc['rounds']} rounds ({acc['invalid_turns']} invalid) with "
-            f"{acc['get_caption_calls']} get_caption and {acc['video_qa_calls']} video_qa calls; "
-            f"captions: {calls['made']} made, {calls['cached']} from the store (a full captioning would need "
-            f"{acc['exhaustive_captions']}); {tokens_phrase(acc['models'])}; "
-            f"{time_spent(acc)}.")
+        say(f"lvr ask: {navigation_summary(acc)}")
+    stage = asked.answer_stage
+    if not quiet and stage and stage.get("answer"):
+        say(f"lvr ask: ground-then-answer: video_qa answered from {len(stage['frame_indices'])} frames of "
+            f"{format_interval(*stage['interval'])} s.")
     if result.answer is None:
-        reason = result.error or {"max_rounds": f"no answer within {nav.agent.max_rounds} rounds",
-                                  "invalid": f"more than {nav.agent.max_invalid} invalid turns in a row"}.get(
-            result.stopped, result.stopped)
-        say_error(naming(video, reason))
+        say_error(naming(video, stop_reason(result, nav.agent)))
         raise typer.Exit(EXIT_SOME_FAILED)
     raise typer.Exit(EXIT_OK)

@@ -29,7 +29,7 @@ EXIT_USAGE = 2
 
 # Names of every subcommand, so a config table for another command is not
 # mistaken for an option.
-COMMAND_NAMES = ("segment", "caption", "ask", "eval", "synthesize", "sft", "rl",
+COMMAND_NAMES = ("segment", "caption", "ask", "ground", "eval", "synthesize", "sft", "rl",
                  "questions", "dpo", "doctor", "protocol", "vpo", "transcribe")
 
 
@@ -169,6 +169,14 @@ NoSubtitlesOption = typer.Option(False, "--no-subtitles",
 QuietOption = typer.Option(False, "-q", "--quiet",
                            help="Print less: no progress bars or per-item lines (doctor: only failed checks).")
 
+# One video's navigation (ask, ground): its trace, its page, its rounds as they end.
+TraceOption = typer.Option(None, "--trace", metavar="FILE",
+                           help="Write the full conversation and every step (lvr.trace/1 JSONL).")
+HtmlOption = typer.Option(None, "--html", metavar="FILE",
+                          help="Write a self-contained page: the tree, the visited path, each turn.")
+VerboseOption = typer.Option(False, "-v", "--verbose",
+                             help="Show each round on stderr as it ends: the think text, the call, the result.")
+
 
 def say(message: str) -> None:
     """A line for the user, on stderr (stdout carries records)."""
@@ -202,6 +210,17 @@ def tokens_phrase(models: dict) -> str:
     used = [f"{role} {m['prompt_tokens']} + {m['completion_tokens']}" for role, m in models.items()
             if m.get("prompt_tokens") or m.get("completion_tokens")]
     return (", ".join(used) + " tokens (prompt + completion)") if used else "no tokens"
+
+
+def navigation_summary(acc: dict) -> str:
+    """One run's accounting in words: rounds, tool calls, captions made and reused, tokens, time."""
+    from ..infer.progress import time_spent
+
+    calls = acc["caption_calls"]
+    return (f"{acc['rounds']} rounds ({acc['invalid_turns']} invalid) with "
+            f"{acc['get_caption_calls']} get_caption and {acc['video_qa_calls']} video_qa calls; "
+            f"captions: {calls['made']} made, {calls['cached']} from the store (a full captioning would need "
+            f"{acc['exhaustive_captions']}); {tokens_phrase(acc['models'])}; {time_spent(acc)}.")
 
 
 def fail_usage(message: str) -> "typer.Exit":

@@ -10,7 +10,7 @@ import typer
 from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, FormatOption, OutputOption, VideoDirOption, QuietOption, fail_usage,
                      say, say_error, tokens_phrase)
 from ..infer.evaluate import EvalOptions, item_noun
-from .model_options import NAVIGATOR
+from .model_options import EVAL_NAVIGATOR
 from .options import Group, takes
 
 DATA_PANEL = "Questions"
@@ -18,7 +18,7 @@ DATA_PANEL = "Questions"
 EVAL = Group(EvalOptions, only=("scoring", "task"), panel=DATA_PANEL, build=dict)
 
 
-@takes(nav=NAVIGATOR, settings=EVAL)
+@takes(nav=EVAL_NAVIGATOR, settings=EVAL)
 def eval_command(
     questions: str = typer.Argument(..., metavar="QUESTIONS|-",
                                     help="Questions with answers: native JSONL, LVBench, Video-MME (JSONL, a "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import ask, caption, doctor, dpo, eval, protocol, questions, rl, segment, sft, synthesize, transcribe, vpo
+from . import (ask, caption, doctor, dpo, eval, ground, protocol, questions, rl, segment, sft, synthesize, transcribe,
+               vpo)
 
 app = typer.Typer(
     name="lvr",
@@ -37,6 +38,7 @@ COMMANDS = {
     "segment": segment.segment_command,
     "caption": caption.caption_command,
     "ask": ask.ask_command,
+    "ground": ground.ground_command,
     "eval": eval.eval_command,
     "synthesize": synthesize.synthesize_command,
     "questions": questions.questions_command,

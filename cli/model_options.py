@@ -10,6 +10,7 @@ reached, how they sample, the agent loop and the tree.
 from __future__ import annotations
 
 from ..infer.agent import AgentOptions
+from ..infer.ground_then_answer import AnsweringOptions
 from ..infer.navigator import CaptionFiles
 from ..prep.models import ConnectionOptions, RoleOptions, SamplingOptions
 from ..prep.transcribe import TranscribeOptions, TranscribeSwitch
@@ -42,6 +43,9 @@ TRANSCRIBE_SETTINGS = Group(TranscribeOptions, panel=TRANSCRIBE_PANEL)
 # `ask` answers about a fresh video while the user waits: keyframe sampling (see its help and
 # bench/ask_cold_start.py) sends a long video's first request within seconds, not after a full decode.
 ASK_TREE = Group(TreeOptions, defaults={"frame_sampling": "keyframe"})
+# How a question is answered (--ground-then-answer): `ask` and `eval` take it; teacher trajectories
+# and grounding queries are always navigated.
+ANSWERING = Group(AnsweringOptions)
 
 
 def transcription(switch: TranscribeSwitch, role: RoleOptions, settings: TranscribeOptions,
@@ -75,7 +79,8 @@ def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling
                       caption: RoleOptions, caption_sampling: SamplingOptions, files: CaptionFiles, qa: RoleOptions,
                       qa_sampling: SamplingOptions, agent: AgentOptions, tree: TreeOptions,
                       switch: TranscribeSwitch = TranscribeSwitch(), speech: RoleOptions = RoleOptions(),
-                      speech_settings: TranscribeOptions = TranscribeOptions()):
+                      speech_settings: TranscribeOptions = TranscribeOptions(),
+                      answering: AnsweringOptions = AnsweringOptions()):
     """The navigator bundle's groups -> NavigatorOptions."""
     from dataclasses import replace
 
@@ -93,13 +98,17 @@ def navigator_options(main: RoleOptions, connection: ConnectionOptions, sampling
         tree=tree, captioning=captioning, system_prompt_file=sampling.system_prompt,
         caption_prompt_file=caption_sampling.system_prompt, qa_prompt_file=qa_sampling.system_prompt,
         qa_max_tokens=qa_sampling.max_tokens, captions_dir=files.captions,
-        transcription=transcription(switch, speech, speech_settings, connection, roles.reasoning))
+        transcription=transcription(switch, speech, speech_settings, connection, roles.reasoning),
+        answering=answering)
 
 
 TRANSCRIBE_GROUPS = (TRANSCRIBE_SWITCH, TRANSCRIBE_ROLE, TRANSCRIBE_SETTINGS)
 NAVIGATOR = Bundle((MAIN_ROLE, CONNECTION, NAVIGATOR_SAMPLING, CAPTION_ROLE, CAPTION_SAMPLING, CAPTION_FILES, QA_ROLE,
                     QA_SAMPLING, AGENT, TREE, *TRANSCRIBE_GROUPS), build=navigator_options)
 ASK_NAVIGATOR = Bundle(NAVIGATOR.groups[:9] + (ASK_TREE, *TRANSCRIBE_GROUPS), build=navigator_options)
+# ... with the answering strategy, for `ask` and `eval` (`lvr ground` takes ASK_NAVIGATOR as it is).
+ASK_QUESTION_NAVIGATOR = Bundle(ASK_NAVIGATOR.groups + (ANSWERING,), build=navigator_options)
+EVAL_NAVIGATOR = Bundle(NAVIGATOR.groups + (ANSWERING,), build=navigator_options)
 
 
 # `lvr rl` trains the reasoning model in process; it takes the other roles, the tree, the prompt and

@@ -20,7 +20,7 @@ def answer_record(asked: Asked, trace: dict) -> dict:
     result = asked.result
     return {
         "schema": ANSWER_SCHEMA, "video_id": trace["video"]["video_id"], "path": asked.video,
-        "task": result.task, "question": result.question, "options": list(result.options),
+        "task": result.task, "strategy": asked.strategy, "question": result.question, "options": list(result.options),
         "answer": result.answer, "choice": result.choice,
         "interval": list(result.interval) if result.interval is not None else None,
         "stopped": result.stopped, "error": result.error,

@@ -27,10 +27,11 @@ from ..prep.keyframe_snap import exact_twin
 from ..prep.segment import SegmentOptions, keep_substitutes, load_or_plan
 from ..prep.transcribe import Transcription
 from ..prep.tree import TreeOptions
-from .agent import AgentOptions, AgentResult, OnTurn, Review, run_agent
+from .agent import AgentOptions, AgentResult, OnTurn, Review, Stop, run_agent
 from .environment import VideoEnv
+from .ground_then_answer import GROUND_THEN_ANSWER, NAVIGATE, AnsweringOptions, answer_from_span, no_interval
 from .profiles import Profile, Prompts
-from .protocol import QA
+from .protocol import GROUNDING, QA
 from .video_qa import VideoQA
 
 TRACE_SCHEMA = "lvr.trace/1"
@@ -63,6 +64,7 @@ class NavigatorOptions:
     qa_max_tokens: int = 512
     captions_dir: Path | None = None   # `--captions`: captions from these files, no captioner
     transcription: Transcription | None = None   # `--transcribe`: transcripts for videos without subtitles
+    answering: AnsweringOptions = field(default_factory=AnsweringOptions)   # navigate, or ground-then-answer
 
     def __post_init__(self) -> None:
         # A profile whose prompts are not shipped fails here, naming the flags, before anything runs.
@@ -101,7 +103,7 @@ class NavigatorOptions:
             "K_bounds": [self.tree.min_width, self.tree.max_width],
             "tree": asdict(self.tree),
             "captioning": asdict(self.captioning), "qa_max_tokens": self.qa_max_tokens,
-            "subtitles": subtitles,
+            "subtitles": subtitles, **self.answering.to_record(),
             **({"transcription": self.transcription.identity()} if self.transcription is not None else {}),
         }
 
@@ -119,6 +121,7 @@ class AskCallbacks:
     on_frames: Callable[[int], None] | None = None      # frames decoded since the last call
     on_tree: Callable[[VideoEnv], None] | None = None   # the tree is planned; the K high captions come next
     on_turn: OnTurn | None = None                       # a model turn has ended
+    on_stage: Callable[[str], None] | None = None       # ground-then-answer: the answer stage begins (what it does)
 
 
 @dataclass
@@ -132,16 +135,21 @@ class Asked:
     error: str | None = None
     segment_seconds: float = 0.0    # loading or segmenting the tree (0 when another question had it)
     first_request_seconds: float | None = None  # from the question to the first reasoning request
-    strategy: str = "navigate"      # what answered: navigate, or ground-then-answer
+    strategy: str = NAVIGATE        # what answered: navigate, or ground-then-answer
+    answer_stage: dict | None = None    # ground-then-answer: the span's frames and the video_qa call that answered
 
     def accounting(self) -> dict:
-        """The agent's accounting plus the time spent on the tree; empty when there was no tree."""
+        """The agent's accounting plus the time spent on the tree; empty when there was no tree.
+        Ground-then-answer's video_qa call counts with the others (its tokens are in env.qa_usage)."""
         if self.env is None:
             return {}
         first = None if self.first_request_seconds is None else round(self.first_request_seconds, 3)
         offsets = [n["frame_sampling"]["max_offset"] for i, n in self.env.nodes.items()
                    if i in self.env.captions and n.get("frame_sampling")]
-        return {**self.result.accounting(self.env), "segment_seconds": round(self.segment_seconds, 3),
+        agent = self.result.accounting(self.env)
+        if self.answer_stage is not None and "tokens" in self.answer_stage:
+            agent["video_qa_calls"] += 1
+        return {**agent, "segment_seconds": round(self.segment_seconds, 3),
                 "first_request_seconds": first,
                 # the sampling the tree used (keyframe gives way to stored exact captions), and for
                 # keyframe sampling how far a shown frame was from its sampled time, at most
@@ -299,6 +307,8 @@ class Navigator:
         """Answer one question about one video. Failures come back in `Asked.error`, never raised.
 
         `task`: ``qa``, or ``grounding`` for a query answered with a time interval (`run_agent`).
+        With `--ground-then-answer` a question is answered in two stages (infer/ground_then_answer.py):
+        a grounding run, then video_qa on frames of the span it gives.
 
         `make_review(env)` gives a reviewer for the answers (teacher synthesis).
         """
@@ -309,6 +319,8 @@ class Navigator:
         started = time.perf_counter()
         empty = AgentResult(question, tuple(options), task=task)
         segment_seconds = 0.0
+        grounds = self.options.answering.ground_then_answer and task == QA
+        strategy = GROUND_THEN_ANSWER if grounds else NAVIGATE
         try:
             if nodes is None:
                 nodes, segment_seconds = await self._timed_tree(video, callbacks.on_probe)
@@ -318,16 +330,30 @@ class Navigator:
             env.on_plan, env.on_frames = callbacks.on_plan, callbacks.on_frames
         except (VideoError, ValueError, ModelError, EnvError) as e:
             empty.stopped, empty.error = "error", str(e)
-            return Asked(empty, None, settings, str(video), str(e), segment_seconds)
+            return Asked(empty, None, settings, str(video), str(e), segment_seconds, strategy=strategy)
         if callbacks.on_tree is not None:
             callbacks.on_tree(env)
         reasoning = _FirstRequest(self.model(self.options.reasoning))
-        result = await run_agent(reasoning, env, question, options,
-                                 template=self.template, agent=self.options.agent, task=task,
+        query, run_task = (self.profile.gta_query.format(question=question.strip()), GROUNDING) if grounds \
+            else (question, task)
+        result = await run_agent(reasoning, env, query, options,
+                                 template=self.template, agent=self.options.agent, task=run_task,
                                  review=make_review(env) if make_review else None, on_turn=callbacks.on_turn)
         first = None if reasoning.sent_at is None else reasoning.sent_at - started
+        stage = None
+        if grounds:
+            result, stage = await self._answer_from_span(result, question, tuple(options), env, callbacks)
         await asyncio.to_thread(keep_substitutes, nodes, self.cache_dir)
-        return Asked(result, env, settings, str(video), result.error, segment_seconds, first)
+        return Asked(result, env, settings, str(video), result.error, segment_seconds, first, strategy, stage)
+
+    async def _answer_from_span(self, grounding: AgentResult, question: str, options: tuple[str, ...],
+                                env: VideoEnv, callbacks: AskCallbacks) -> tuple[AgentResult, dict | None]:
+        """Ground-then-answer's second stage, or the failure when grounding gave no interval."""
+        if grounding.interval is None:
+            return no_interval(grounding, question, options, stop_reason(grounding, self.options.agent)), None
+        return await answer_from_span(grounding, question, options, env, frames=self.options.answering.gta_frames,
+                                      qa_side=self.options.tree.qa_side, quality=self.segment_options.jpeg_quality,
+                                      on_stage=callbacks.on_stage)
 
     async def aclose(self) -> None:
         for model in self._models.values():
@@ -336,6 +362,13 @@ class Navigator:
             except Exception:  # noqa: BLE001 - closing must not hide the real outcome
                 pass
         self.store.close()
+
+
+def stop_reason(result: AgentResult, agent: AgentOptions) -> str:
+    """Why a run gave no answer, in words: its error, else what ended it."""
+    return result.error or {Stop.MAX_ROUNDS: f"no answer within {agent.max_rounds} rounds",
+                            Stop.INVALID: f"more than {agent.max_invalid} invalid turns in a row"}.get(
+        result.stopped, result.stopped)
 
 
 def build_trace(asked: Asked, *, correct_answer: str | None = None, correct: bool | None = None,
@@ -349,6 +382,7 @@ def build_trace(asked: Asked, *, correct_answer: str | None = None, correct: boo
         "task": result.task, "strategy": asked.strategy, "question": result.question, "options": list(result.options),
         "answer": {"text": result.answer, "choice": result.choice,
                    "interval": list(result.interval) if result.interval is not None else None},
+        "answer_stage": asked.answer_stage,
         "correct_answer": correct_answer, "correct": correct,
         "stopped": result.stopped, "error": result.error,
         "turns": [t.to_record() for t in result.turns],

@@ -145,6 +145,10 @@ class Profile:
     # -- a grounding query (the interval answer kind): a note after the system prompt, the query block
     grounding_note: str
     grounding_question: str         # {question}
+    # -- ground-then-answer: a question worded as the grounding stage's query, and the options
+    #    appended to the question sent with the grounded span's frames
+    gta_query: str                  # {question}
+    span_options: str               # {options} (one per line)
     # -- the first user message: the question block, the duration, one block per high clip
     question: str                   # {question}
     options: str                    # {options} (one per line), appended to the question block when given
@@ -269,6 +273,12 @@ class Profile:
             parts.append(question)
         return [{"role": "system", "content": system_prompt}, {"role": "user", "content": parts}]
 
+    def span_query(self, question: str, options) -> str:
+        """What the video_qa model is asked about a grounded span's frames: the question, and its options
+        with the request to pick one (ground-then-answer)."""
+        query = question.strip()
+        return query + self.span_options.format(options="\n".join(o.strip() for o in options)) if options else query
+
     def video_qa_answer(self, text: str) -> str:
         """The answer in a video_qa reply without its reasoning: inside the answer tag when there is one."""
         tagged = extract(self.qa_answer_tag, text) if self.qa_answer_tag else None
@@ -318,6 +328,8 @@ LVR_PROFILE = Profile(
     caption_system_prompt=DEFAULT_CAPTION_PROMPT, width_field="{K}", verbatim_prompts=False,
     times="clock", spans_from_frames=False, compact_ids=False, captions_tagged=False,
     grounding_note=GROUNDING_NOTE, grounding_question="Find when this happens in the video: {question}",
+    gta_query='the moment that shows the answer to the question "{question}"',
+    span_options="\nOptions:\n{options}\nAnswer with the letter of the correct option.",
     question="Question: {question}", options="\nOptions:\n{options}",
     duration="The video is {clock} long ({duration:.1f} s). Captions of its {count} high-level clips:",
     high_caption="Clip {id}, {span}:\n{caption}", parts=False, separator="\n\n",
@@ -336,6 +348,8 @@ LONGVIDEO_R1_PROFILE = Profile(
     grounding_note=("\nThis question asks for a time span of the video. Answer with its start and end in "
                     "seconds, like <answer>[754.5, 790.0]</answer>."),
     grounding_question="Find the time span of the video where this happens: {question}\n",
+    gta_query='the moment that shows the answer to the question "{question}"',
+    span_options="\n{options}\nAnswer with the option's letter.",
     question="{question}\n", options="{options}\n",
     duration="The total duration of the video is {seconds} seconds.",
     high_caption="High-level Caption {index} from {start} to {end}:{caption}", parts=True, separator="\n",

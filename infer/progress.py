@@ -23,16 +23,16 @@ class QuestionProgress:
     stored), then its turns."""
 
     def __init__(self, reporter: Reporter, video: "str | os.PathLike", *, on_probe=None, on_tree=None,
-                 on_turn=None):
+                 on_turn=None, on_stage=None):
         self.frames = reporter.frames(Path(video).name, doing="decoding the first level of")
         self.env: VideoEnv | None = None
-        self._on_probe, self._on_tree, self._on_turn = on_probe, on_tree, on_turn
+        self._on_probe, self._on_tree, self._on_turn, self._on_stage = on_probe, on_tree, on_turn, on_stage
         self._captions_counted = 0
 
     @property
     def callbacks(self) -> AskCallbacks:
         return AskCallbacks(on_probe=self._on_probe, on_plan=self.frames.plan, on_frames=self.frames.update,
-                            on_tree=self._tree, on_turn=self._turn)
+                            on_tree=self._tree, on_turn=self._turn, on_stage=self._on_stage)
 
     def _tree(self, env: VideoEnv) -> None:
         self.env = env
@@ -63,7 +63,7 @@ class AskProgress:
         self.reporter = reporter
         self.video_name = Path(video).name
         self.question = QuestionProgress(reporter, video, on_probe=self._probe, on_tree=self._tree,
-                                         on_turn=self._turn)
+                                         on_turn=self._turn, on_stage=self._stage)
         self.rounds = None
 
     @property
@@ -90,6 +90,13 @@ class AskProgress:
                 self.reporter.line(line)
         elif not self.reporter.terminal:
             self.reporter.line(f"round {turn.round}: {turn.summary()}")
+
+    def _stage(self, doing: str) -> None:
+        """Ground-then-answer's second stage (after the grounding rounds)."""
+        if self.rounds is not None:
+            self.rounds.set_postfix_str(shorten(doing, 60))
+        if self.reporter.verbose or not self.reporter.terminal:
+            self.reporter.line(doing)
 
     def close(self) -> None:
         self.question.close()

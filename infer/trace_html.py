@@ -13,6 +13,9 @@ Stable hooks for tests and scripts:
   tree box   <div class="node level-{high|medium|low}[ visited][ qa]" data-id="1-2-3" data-order="3 5">
   turn       <section class="turn" data-round="N">
   answer     <div id="answer">
+  spans      <div class="span predicted" id="span-predicted" data-start="4" data-end="7.5">: a grounding
+             trace's answered interval on the timeline; <div class="span target" id="span-target-N">
+             for each target interval the trace carries ("targets": [[start, end], ...])
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any, Iterable
 from lvr.prep.frames import FrameStore
 from lvr.prep.lettering import split_label
 from lvr.prep.jsonl import write_atomic
+
+from .protocol import GROUNDING, format_interval
 
 LEVELS = ("high", "medium", "low")
 _THINK_SUMMARY_CHARS = 120
@@ -83,6 +88,12 @@ text-align:center;text-decoration:none}
 .axis{position:relative;height:18px;font-size:10.5px;color:#777}
 .axis span{position:absolute;top:2px;transform:translateX(-50%);white-space:nowrap}
 .axis span.first{transform:none}.axis span.last{transform:translateX(-100%)}
+.row-span{height:22px;margin-top:4px}
+.span{position:absolute;top:0;bottom:0;min-width:2px;border-radius:3px;font-size:11px;line-height:22px;
+color:#1f2328;white-space:nowrap;overflow:visible}
+.span.predicted{background:#8fd19e}
+.span.target{background:#f4a3b5}
+.span .span-label{position:absolute;left:4px;top:0}
 .legend{display:flex;gap:16px;font-size:12px;color:#555;margin:6px 0 0}
 .sw{display:inline-block;width:14px;height:11px;border-radius:2px;vertical-align:-1px;margin-right:4px}
 .turn{display:flex;gap:14px;background:#fff;border:1px solid #d8dee4;border-radius:8px;
@@ -338,7 +349,55 @@ def _header(trace: dict) -> str:
     return "\n".join(parts)
 
 
-def _timeline(nodes: list[dict], visits: list[dict], order_round: dict[int, int], duration: float) -> str:
+def _interval(value: Any) -> tuple[float, float] | None:
+    """[start, end] as two finite seconds with start <= end (None when unusable)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    start, end = _num(value[0], float("nan")), _num(value[1], float("nan"))
+    return (start, end) if start == start and end == end and 0 <= start <= end else None
+
+
+def _spans(trace: dict) -> list[tuple[str, str, float, float]]:
+    """The intervals a grounding trace draws on the timeline: (kind, element id, start, end), the
+    answered one ("predicted") first, then each target the trace carries."""
+    if trace.get("task") != GROUNDING:
+        return []
+    answer = trace.get("answer") if isinstance(trace.get("answer"), dict) else {}
+    out = []
+    predicted = _interval(answer.get("interval"))
+    if predicted is not None:
+        out.append(("predicted", "span-predicted", *predicted))
+    targets = trace.get("targets") if isinstance(trace.get("targets"), list) else []
+    for i, target in enumerate(filter(None, map(_interval, targets)), 1):
+        out.append(("target", f"span-target-{i}", *target))
+    return out
+
+
+# The kinds of interval a grounding trace draws: (row label, legend text, colour as in _CSS).
+_SPAN_KINDS = {"predicted": ("answer", "answered span", "#8fd19e"), "target": ("target", "target span", "#f4a3b5")}
+
+
+def _span_rows(spans: list[tuple[str, str, float, float]], span: float) -> list[str]:
+    """One timeline row per kind of interval, each band at its place and labelled with its times."""
+    rows = []
+    for kind, (name, _, _) in _SPAN_KINDS.items():
+        bands = []
+        for element_id, start, end in (s[1:] for s in spans if s[0] == kind):
+            left = min(100.0, 100.0 * start / span)
+            width = min(100.0 - left, 100.0 * (end - start) / span)
+            times = _fmt_span(start, end)
+            bands.append(f'<div class="span {kind}" id="{element_id}" data-start="{round(start, 6)}" '
+                         f'data-end="{round(end, 6)}" style="left:{left:.4f}%;width:{width:.4f}%" '
+                         f'title="{_e(f"{name} {format_interval(start, end)}: {times}")}">'
+                         f'<span class="span-label">{_e(times)}</span></div>')
+        if bands:
+            rows.append(f'<div class="row row-span row-{kind}"><div class="row-label">{name}<br>span</div>'
+                        f'{"".join(bands)}</div>')
+    return rows
+
+
+def _timeline(nodes: list[dict], visits: list[dict], order_round: dict[int, int], duration: float,
+              spans: list[tuple[str, str, float, float]] = ()) -> str:
     orders: dict[tuple[int, ...], list[tuple[int, bool]]] = {}
     for v in visits:
         nid = _node_id(v.get("node"))
@@ -383,6 +442,7 @@ def _timeline(nodes: list[dict], visits: list[dict], order_round: dict[int, int]
     for level in LEVELS:
         out.append(f'<div class="row row-{level}"><div class="row-label">{labels[level]}<br>'
                    f'{counts[level]} nodes</div>{"".join(rows[level])}</div>')
+    out += _span_rows(spans, span)
     # Axis: ticks at the high-level boundaries (or quarters without a tree).
     highs = {n["start"] for n in nodes if n["level"] == "high"}
     ticks = sorted(highs | {span}) if len(highs) >= 2 else [span * i / 4 for i in range(5)]
@@ -398,7 +458,10 @@ def _timeline(nodes: list[dict], visits: list[dict], order_round: dict[int, int]
                '<span><i class="sw" style="background:#d3e2f4"></i>high: seen in the first prompt</span>'
                '<span><i class="sw" style="background:#ff8c00"></i>visited with get_caption (visit order)</span>'
                '<span><i class="sw" style="background:#ff8c00;box-shadow:inset 0 0 0 3px #7b2ff7"></i>'
-               'video_qa</span><span><i class="sw" style="background:#e9ecef"></i>not visited</span></div>')
+               'video_qa</span><span><i class="sw" style="background:#e9ecef"></i>not visited</span>'
+               + "".join(f'<span><i class="sw" style="background:{colour}"></i>{text}</span>'
+                         for kind, (_, text, colour) in _SPAN_KINDS.items() if any(s[0] == kind for s in spans))
+               + '</div>')
     out.append("</div>")
     return "\n".join(out)
 
@@ -500,7 +563,7 @@ def render_trace_html(trace: dict, frames: FrameStore | None) -> str:
         f"<title>lvr trace: {_e(title)}</title>",
         f"<style>{_CSS}</style></head><body>",
         _header(trace),
-        _timeline(nodes, visits, order_round, _num(video.get("duration"))),
+        _timeline(nodes, visits, order_round, _num(video.get("duration")), _spans(trace)),
         _turns(turns, by_turn, {n["id"]: n for n in nodes}, thumbs),
         f"<script>{_JS}</script>",
         "</body></html>",

@@ -47,13 +47,19 @@ class VideoQA:
             raise VideoQAError(f"{node_label(node, 'video_qa')}: frames: {e}") from None
 
     async def ask(self, node: dict, query: str) -> tuple[str, Completion]:
+        frames, times = self._frames(node)
+        answer, reply = await self.ask_frames(node, frames, times, query, node_label(node, "video_qa"))
+        return answer or "(the vision model gave no answer)", reply
+
+    async def ask_frames(self, span: dict, frames: list[bytes], times: list[float], query: str,
+                         label: str) -> tuple[str, Completion]:
+        """One question about these frames of `span` (a leaf, or a grounded span: its "start" and "end"),
+        each labelled with its time. The answer is "" when the model gave none; VideoQAError names `label`."""
         from ..prep.models.base import ModelError
 
-        frames, times = self._frames(node)
-        messages = self.profile.video_qa_messages(node, frames, times, query, self.system_prompt)
+        messages = self.profile.video_qa_messages(span, frames, times, query, self.system_prompt)
         try:
             reply = await self.model.complete(messages, self.options)
         except ModelError as e:
-            raise VideoQAError(f"{node_label(node, 'video_qa')}: {e}") from None
-        answer = self.profile.video_qa_answer(strip_think(reply.text))
-        return answer or "(the vision model gave no answer)", reply
+            raise VideoQAError(f"{label}: {e}") from None
+        return self.profile.video_qa_answer(strip_think(reply.text)), reply

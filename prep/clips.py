@@ -13,6 +13,9 @@ Two ways to cut, both writing ``<out_dir>/<video_id>/<h>-<m>-<l>.mp4``:
 A video's clips appear all at once: they are written into a temporary folder
 that is renamed into place when every clip is done, together with a
 ``clips.json`` manifest that lets a rerun reuse them without running ffmpeg.
+
+A span clip (`write_span_clip`, for `lvr ground --clip`) is any stretch of the
+video as one file, re-encoded like the exact clips.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .jsonl import output_error
 from .probe import VideoError, VideoInfo
 from .tree import Level, NodeId, Tree
 
@@ -41,6 +45,11 @@ ENCODE_TIMEOUT_PER_S = 10
 # video has passed it by this much (a short or sparsely muxed audio track must
 # not keep hundreds of files open).
 AUDIO_SLACK_S = 5.0
+# The re-encode of exact and span clips: x264 needs even sizes for 4:2:0, and yuv420p plays everywhere.
+REENCODE = ("-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2,format=yuv420p",
+            "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-c:a", "aac")
+# A span's ends match a frame's time this closely (answers carry at most 6 decimals).
+SPAN_TOLERANCE_S = 1e-4
 
 
 def leaf_name(node_id: NodeId) -> str:
@@ -176,6 +185,11 @@ def _container_start(path: str) -> float:
         return 0.0
 
 
+def _first_frame_offset(info: VideoInfo) -> float:
+    """Where our timeline's 0 (the first frame) sits on ffmpeg's, which starts at the container start."""
+    return info.start_time - _container_start(info.path)
+
+
 def _run_ffmpeg(info: VideoInfo, cmd: list[str], timeout: float, what: str) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -199,7 +213,7 @@ def _exact_clips(info: VideoInfo, tree: Tree, leaves: list[NodeId],
     # first frame when audio begins earlier. Start the output at the first
     # frame, dropping that audio: clip 1 then begins at its first frame like
     # every other clip, and the encoder's timeline is ours.
-    lead = info.start_time - _container_start(info.path)
+    lead = _first_frame_offset(info)
     trim = ["-ss", f"{max(0.0, lead - 1e-6):.6f}"] if lead > 1e-6 else []
     # Keyframes are forced by time (an expression over frame numbers overflows
     # ffmpeg's parser at a few hundred cuts); halfway between a leaf's first
@@ -213,11 +227,8 @@ def _exact_clips(info: VideoInfo, tree: Tree, leaves: list[NodeId],
         *trim,
         # Keep every frame with its own timestamp: no CFR duplication or drops.
         "-fps_mode", "passthrough", "-enc_time_base", "-1",
-        # x264 needs even sizes for 4:2:0; yuv420p plays everywhere.
-        "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2,format=yuv420p",
-        "-c:v", "libx264", "-preset", "veryfast", "-crf", "20",
+        *REENCODE,
         *(["-force_key_frames", keyframes] if cuts else []),
-        "-c:a", "aac",
         # The muxer splits by frame number, not time: it sees timestamps
         # shifted again for B-frame delay and AAC priming, while a frame
         # number means the same to us and to it (passthrough keeps every
@@ -452,3 +463,82 @@ def _copy_clips(info: VideoInfo, tree: Tree, leaves: list[NodeId],
         hi = int(np.searchsorted(pts_all, clip.max_pts))
         ranges[leaf] = (tree.frame_start_time(lo), tree.frame_start_time(hi + 1))
     return ranges
+
+
+# -- a span: any stretch of the video as one file -------------------------------
+
+
+def write_span_clip(info: VideoInfo, start: float, end: float, out: "str | os.PathLike") -> tuple[float, float]:
+    """Cut the frames that start inside [start, end) (seconds from the first frame) into `out`,
+    re-encoded so the cut is frame-accurate, with the video's first audio track beside them.
+
+    ffmpeg seeks to a keyframe well before the span (a container without an index, such as
+    MPEG-TS, may land a keyframe late), then decodes up to the span's first frame; a cut that
+    still misses frames is made again decoding from the start. The file appears whole or not at
+    all: it is written under a temporary name in the same folder and renamed into place.
+    Returns what the clip covers: its first frame's time and the time its last frame ends.
+    Raises VideoError with a one-line reason naming the video (no frame starts in the span,
+    ffmpeg fails) or OutputError naming `out` (it cannot be written).
+    """
+    times = info.frame_times
+    first = int(np.searchsorted(times, start - SPAN_TOLERANCE_S))
+    stop = int(np.searchsorted(times, end - SPAN_TOLERANCE_S))
+    if stop <= first:
+        raise VideoError(info.path, f"no frame starts between {start:g} s and {end:g} s: nothing to cut")
+    covered = (float(times[first]), float(times[stop]) if stop < info.n_frames else info.duration)
+    out = Path(out)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # the suffix tells ffmpeg the format
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for keyframe in dict.fromkeys((_keyframe_before(info, first), 0.0)):  # the second: from the start
+            _cut_span(info, covered, keyframe, tmp)
+            frames = _video_packets(str(tmp))
+            if frames == stop - first:
+                break
+        else:
+            raise VideoError(info.path, f"cutting {covered[0]:g}-{covered[1]:g} s: the clip holds {frames} frames "
+                                        f"instead of {stop - first}")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise output_error(out, e) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return covered
+
+
+def _keyframe_before(info: VideoInfo, index: int) -> float:
+    """The time of the keyframe before the one that frame `index` decodes from (0 near the start):
+    a seek there that lands a keyframe late still starts decoding at or before the frame."""
+    keyframes = info.keyframe_times
+    at = bisect_right(keyframes, float(info.frame_times[index]) + SPAN_TOLERANCE_S) - 1
+    return float(keyframes[at - 1]) if at >= 1 else 0.0
+
+
+def _cut_span(info: VideoInfo, covered: tuple[float, float], keyframe: float, tmp: Path) -> None:
+    """One ffmpeg run: seek to `keyframe` (0: read from the start), decode up to the span, encode it."""
+    offset = _first_frame_offset(info)
+    gaps = np.diff(info.frame_times)
+    # Start a hair before the first frame, so rounding cannot drop it, and far less than a
+    # frame, so the frame before it stays out.
+    margin = min(1e-3, float(gaps.min()) / 4) if len(gaps) else 1e-3
+    seek = max(0.0, offset + keyframe - margin) if keyframe > 0 else 0.0
+    skip = max(0.0, offset + covered[0] - margin - seek)
+    cmd = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+           *(["-ss", f"{seek:.6f}"] if seek > 0 else []), "-i", info.path,
+           "-ss", f"{skip:.6f}", "-t", f"{covered[1] - covered[0]:.6f}",
+           "-map", f"0:{info.stream_index}", "-map", "0:a:0?",
+           "-fps_mode", "passthrough", "-enc_time_base", "-1", *REENCODE, str(tmp)]
+    timeout = ENCODE_TIMEOUT_BASE_S + ENCODE_TIMEOUT_PER_S * (covered[1] - keyframe)
+    _run_ffmpeg(info, cmd, timeout, f"cutting {covered[0]:g}-{covered[1]:g} s")
+
+
+def _video_packets(path: str) -> int:
+    """How many frames a file's first video stream holds (0 when it has none or cannot be read)."""
+    cmd = ["ffprobe", "-v", "error", "-count_packets", "-select_streams", "v:0",
+           "-show_entries", "stream=nb_read_packets", "-of", "json", path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        streams = json.loads(proc.stdout or "{}").get("streams") or [{}]
+        return int(streams[0].get("nb_read_packets") or 0)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return 0

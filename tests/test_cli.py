@@ -19,6 +19,7 @@ DEFAULT_END_TO_END = {
     "segment": "test_segment.py::test_sample_media_give_correct_trees",
     "caption": "test_caption.py::test_caption_end_to_end_sends_what_it_should",
     "ask": "test_ask.py::test_scripted_navigation_end_to_end",
+    "ground": "test_ground.py::test_ground_end_to_end",
     "eval": "test_eval.py::test_eval_records_and_summary",
     "synthesize": "test_synthesize.py::test_wrong_twice_then_right",
     "questions": "test_questions.py::test_questions_end_to_end_then_synthesize",

@@ -21,6 +21,7 @@ QA = (123, 47, 247)      # .node.qa inset border
 EVIL_CAPTION = "<script>window.pwned=1;document.documentElement.setAttribute('data-pwned','caption')</script>"
 EVIL_TEXT = ("I will look. <img src=x onerror=\"window.pwned=1;"
              "document.documentElement.setAttribute('data-pwned','img')\"> <answer>B</answer>")
+EVIL_SPAN = "<img src=x onerror=span>"
 COLOURS = {(1,): (0, 160, 0), (2,): (0, 0, 200), (1, 2): (200, 0, 0), (1, 2, 1): (0, 180, 180)}
 
 
@@ -215,6 +216,34 @@ def test_degenerate_traces_render():
     del trace["tree"]
     boxes = tree_boxes(parse_page(render_trace_html(trace, None)))
     assert set(boxes) == {"1-2", "1-2-1"} and boxes["1-2-1"]["data-order"] == "2 3"
+
+
+def test_grounding_trace_draws_the_answered_and_target_spans():
+    trace = make_trace()
+    trace.update(task="grounding", options=[], targets=[[20, 40], [90.5, 100], [EVIL_SPAN, 3], [5, 1], "x", [-1, 2]])
+    trace["answer"] = {"text": "[25, 37.5]", "choice": None, "interval": [25.0, 37.5]}
+    page = render_trace_html(trace, None)
+    p = parse_page(page)
+    bands = {a["id"]: a for t, a in p.tags if "span" in a.get("class", "").split()}
+    assert list(bands) == ["span-predicted", "span-target-1", "span-target-2"]  # unusable targets are left out
+    assert bands["span-predicted"]["class"] == "span predicted"
+    assert (bands["span-predicted"]["data-start"], bands["span-predicted"]["data-end"]) == ("25.0", "37.5")
+    assert bands["span-target-1"]["class"] == bands["span-target-2"]["class"] == "span target"
+    # Each band sits at its interval's share of the duration (100 s), like the node boxes.
+    assert bands["span-predicted"]["style"] == "left:25.0000%;width:12.5000%"
+    assert bands["span-target-1"]["style"] == "left:20.0000%;width:20.0000%"
+    assert bands["span-target-2"]["style"] == "left:90.5000%;width:9.5000%"
+    assert bands["span-predicted"]["title"] == "answer [25, 37.5]: 0:25.0–0:37.5"
+    assert "0:25.0–0:37.5</span>" in page and "answered span" in page and "target span" in page
+    assert "onerror=span" not in page   # not a number: never drawn, not even as text
+    check_tree(p)
+
+    # Only a grounding trace draws spans, and only a usable interval.
+    for task, interval in (("qa", [25.0, 37.5]), ("grounding", None), ("grounding", [EVIL_SPAN, 2]),
+                           ("grounding", [30, 20]), ("grounding", [float("nan"), 2])):
+        trace.update(task=task, targets=[], answer={"text": "x", "choice": None, "interval": interval})
+        page = render_trace_html(trace, None)
+        assert 'class="span' not in page and "onerror=span" not in page, (task, interval)
 
 
 def test_write_is_atomic(store, tmp_path):
