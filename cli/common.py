@@ -148,9 +148,11 @@ RequiredOutputOption = typer.Option(..., "-o", "--output", metavar="DIR", help=O
 
 FormatOption = typer.Option("auto", "--format", metavar="FORMAT",
                             help="Input format: auto (told from the first record) or one by name: native, lvbench, "
-                                 "videomme, mlvu (eval), cgbench (synthesize, rl), or longvideo-r1: the LongVideo-R1 "
-                                 "release's flat evaluation lists (eval) and RL rows (synthesize, rl). A file may "
-                                 "also be parquet. See docs/eval_formats.md and docs/qa_format.md.")
+                                 "videomme, mlvu (eval), activitynet (eval: ActivityNet-Captions and Charades-STA "
+                                 "grounding JSON), cgbench (eval with --task grounding; synthesize, rl), or "
+                                 "longvideo-r1: the LongVideo-R1 release's flat evaluation lists (eval) and RL rows "
+                                 "(synthesize, rl). A file may also be parquet. See docs/eval_formats.md and "
+                                 "docs/qa_format.md.")
 VideoDirOption = typer.Option(None, "--video-dir", metavar="DIR",
                               help="Where the records' videos are (default: the input file's folder). Paths in "
                                    "records may not leave it.")
