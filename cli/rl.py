@@ -26,7 +26,8 @@ def rl_command(
     qa: str = typer.Argument(..., metavar="QA.jsonl",
                              help="QA items, with clue intervals (or without: answer-only reward): native "
                                   "lvr.qa/1 JSONL, CG-Bench JSON, or the LongVideo-R1 RL rows; any of them may be "
-                                  "parquet."),
+                                  "parquet. A native file may also hold lvr.grounding/1 items, alone or mixed "
+                                  "with QA items."),
     output: Path = RequiredOutputOption,
     video_dir: Optional[Path] = VideoDirOption,
     format: str = FormatOption,
@@ -50,6 +51,12 @@ def rl_command(
     LongVideo-R1's own reward does; an item without clue intervals is scored by
     w_answer*answer alone under either rule.
 
+    Grounding items (lvr.grounding/1) are asked as grounding queries, answered
+    with an interval; their reward puts w_iou*IoU + w_interval_center_distance*
+    CenDist of the answered interval (against the best target) in place of the
+    answer term, beside the same localisation and repeat terms (--reward lvr
+    only). --kl-timestamp-scale relaxes the KL on the answer's timestamp tokens.
+
     Captions come from the shared caption store; name the captioner that made
     them with --caption-model (and give it an endpoint, --caption-base-url, to
     caption nodes not yet stored). Defaults follow LongVideo-R1: group 16, lr
@@ -68,6 +75,8 @@ def rl_command(
       accelerate launch --config_file configs/accelerate/zero3.yaml -m lvr.cli rl cgbench.json --config configs/rl_qwen3_8b.yaml -o navigator-rl
 
       lvr rl qa.jsonl --config configs/rl_qwen3_8b.yaml --vllm colocate --kl-argument-scale 0.1 -o navigator-rl
+
+      lvr rl qa_and_grounding.jsonl --model navigator-sft --caption-model M --kl-timestamp-scale 0.1 -o navigator-rl
 
       CUDA_VISIBLE_DEVICES=0,1,2,3,4,5 accelerate launch --config_file configs/accelerate/zero3_offload_6gpu.yaml -m lvr.cli rl rl_data.parquet --config configs/rl_longvideo_r1.yaml -o navigator-rl
 

@@ -7,21 +7,23 @@ from typing import Optional
 
 import typer
 
+from ..train.synthesize import DATA_PANEL, SynthesizeOptions
 from .common import (EXIT_OK, EXIT_SOME_FAILED, CacheDirOption, ConfigOption, DryRunOption, FormatOption,
                      NoSubtitlesOption, OutputOption, VideoDirOption,
                      QuietOption, fail_usage, naming, say, say_error)
 from .model_options import NAVIGATOR
-from .options import takes
+from .options import Group, takes
 
 MODES_PANEL = "Other modes (instead of synthesizing)"
-DATA_PANEL = "QA items"
 
 
-@takes(aliases={"teacher_model": "model"}, nav=NAVIGATOR)
+@takes(aliases={"teacher_model": "model"}, nav=NAVIGATOR,
+       synthesis=Group(SynthesizeOptions, only=("accept_iou",), build=dict))
 def synthesize_command(
     qa: Optional[str] = typer.Argument(None, metavar="QA.jsonl|-",
                                        help="QA items with clue intervals: native lvr.qa/1 JSONL, CG-Bench JSON, or the "
-                                            "LongVideo-R1 RL rows; any of them may be parquet."),
+                                            "LongVideo-R1 RL rows; any of them may be parquet. A native file may also "
+                                            "hold lvr.grounding/1 items, alone or mixed with QA items."),
     output: Optional[Path] = OutputOption,
     teacher_model: Optional[str] = typer.Option(None, "--teacher-model", hidden=True,
                                                 help="The old name of --model (the teacher)."),
@@ -64,7 +66,7 @@ def synthesize_command(
     cache_dir: Optional[Path] = CacheDirOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    nav=None,
+    nav=None, synthesis=None,
 ) -> None:
     """Have a teacher model write chain-of-thought tool trajectories over the caption tree.
 
@@ -75,6 +77,11 @@ def synthesize_command(
     than --clue-gap seconds apart are merged. One lvr.trajectory/1 record per
     item is appended as soon as it ends; its `messages` are the clean
     conversation (no hint text), ready for SFT. A rerun skips finished items.
+
+    Grounding items (lvr.grounding/1) are asked as grounding queries: the teacher
+    answers with an interval, accepted when its IoU with the best-matching
+    target is at least --accept-iou; otherwise the hints follow, built from the
+    targets as a QA item's are from its clues.
 
     Exit status: 0 all items done, 1 some failed (each named on stderr) or lint found problems, 2 usage error.
 
@@ -121,14 +128,14 @@ def synthesize_command(
     from ..prep.cache import resolve_cache_dir
     from ..prep.models.base import ModelError
     from ..prep.progress import Reporter
-    from ..train.synthesize import SynthesizeOptions, estimate, load_items, run_synthesize
+    from ..train.synthesize import estimate, load_items, run_synthesize
 
     reporter = Reporter("lvr synthesize", enabled=not quiet)
     try:
         options = SynthesizeOptions(format=format, video_dir=video_dir, concurrency=item_concurrency,
                                     max_items=max_items, token_budget=token_budget, clue_gap_s=clue_gap,
                                     subtitles=not no_subtitles, price_prompt_per_m=price_prompt,
-                                    price_completion_per_m=price_completion)
+                                    price_completion_per_m=price_completion, **synthesis)
         if dry_run:
             items, errors = load_items(qa, options)
             for err in errors:

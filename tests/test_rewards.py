@@ -180,8 +180,10 @@ def test_composite_default_weights():
     assert parts.center_distance > 0                    # logged even with weight 0 ...
     assert parts.total == pytest.approx(parts.answer + parts.localisation - 0.2 * parts.repeat)  # ... not added
     rec = parts.to_record()
-    assert set(rec) == {"answer", "localisation", "repeat", "center_distance", "total", "rule", "answer_only"}
-    assert (rec["rule"], rec["answer_only"]) == ("lvr", False)
+    assert set(rec) == {"answer", "localisation", "repeat", "center_distance", "total", "rule", "answer_only",
+                        "task", "iou", "interval_center_distance"}
+    assert (rec["rule"], rec["answer_only"], rec["task"]) == ("lvr", False, "qa")
+    assert rec["iou"] is None and rec["interval_center_distance"] is None      # a QA episode has no interval
 
 
 def test_composite_no_tool_calls_is_answer_reward():
@@ -358,3 +360,89 @@ def test_disjoint_gets_no_iou_but_a_growing_center_distance(start, length, targe
     assert near >= far
     if abs(shift) > 1e-6:
         assert near > far
+
+
+# --------------------------------------------------------------------------- grounding episodes
+
+from lvr.train.rewards import answer_center_distance, answer_iou, grounding_reward  # noqa: E402
+
+
+def test_answer_terms_take_the_best_target():
+    targets = [(10, 20), (60, 70)]
+    assert answer_iou((12, 22), targets) == pytest.approx(8 / 12)              # (10, 20): overlap 8, union 12
+    assert answer_iou((60, 70), targets) == 1.0
+    assert answer_iou(None, targets) == 0.0 and answer_iou((10, 20), []) == 0.0
+    # CenDist against the nearest centre (15 or 65): the answer's centre 50 is 15 from 65
+    assert answer_center_distance((40, 60), targets, 100) == pytest.approx(1 - 15 / 100)
+    assert answer_center_distance(None, targets, 100) == 0.0
+    with pytest.raises(ValueError, match="positive video duration"):
+        answer_center_distance(None, targets, 0)
+    with pytest.raises(ValueError, match="positive video duration"):
+        answer_center_distance((0, 1), targets, float("nan"))
+    with pytest.raises(ValueError, match="target interval"):
+        answer_iou((0, 1), [(5, 4)])
+
+
+def test_grounding_reward_hand_worked():
+    # answer 12-22 vs target 10-20: IoU 8/12, centres 17 vs 15 in 100 s: CenDist 0.98;
+    # visits 15-25 twice (F1 0.5, repeat 1), centre 20: CD 0.95
+    visits = [cap(15, 25, (1, 2)), cap(15, 25, (1, 2))]
+    parts = grounding_reward(interval=(12, 22), targets=[(10, 20)], visits=visits, clues=[(10, 20)], duration=100)
+    assert (parts.task, parts.answer, parts.answer_only, parts.rule) == ("grounding", None, False, "lvr")
+    assert parts.iou == pytest.approx(8 / 12) and parts.interval_center_distance == pytest.approx(0.98)
+    assert (parts.localisation, parts.repeat) == (pytest.approx(0.5), 1.0)
+    assert parts.center_distance == pytest.approx(0.95)
+    assert parts.total == pytest.approx(8 / 12 + 0.98 + 0.5 - 0.2 * 1.0)       # center distance weight 0
+    w = RewardWeights(localisation=0.0, repeat=0.0, center_distance=1.0, iou=2.0, interval_center_distance=0.5)
+    weighted = grounding_reward(interval=(12, 22), targets=[(10, 20)], visits=visits, clues=[(10, 20)],
+                                duration=100, weights=w)
+    assert weighted.total == pytest.approx(2 * 8 / 12 + 0.5 * 0.98 + 0.95)
+    # No interval (the run gave no usable answer): both interval terms 0, the visits still count.
+    none = grounding_reward(interval=None, targets=[(10, 20)], visits=visits, clues=[(10, 20)], duration=100)
+    assert (none.iou, none.interval_center_distance) == (0.0, 0.0)
+    assert none.total == pytest.approx(0.5 - 0.2)
+    # The weights a QA episode uses leave a grounding one alone, and the other way round.
+    assert RewardWeights().iou == RewardWeights().interval_center_distance == 1.0
+
+
+def grounding_rollout(**over) -> dict:
+    rec = rollout(task="grounding", answer="[12, 22]", choice=None, options=[], reference=None,
+                  interval=[12.0, 22.0], targets=[[10.0, 20.0]],
+                  turn_texts=["<think>a</think><tool>get_caption((1, 2))</tool>",
+                              "<think>b</think><tool>get_caption((1, 2))</tool>",
+                              "<think>c</think><answer>[12, 22]</answer>"])
+    rec.update(over)
+    return rec
+
+
+def test_rollout_reward_scores_a_grounding_rollout_by_its_interval():
+    parts = rollout_reward("lvr", grounding_rollout())
+    assert parts == grounding_reward(interval=(12, 22), targets=[(10, 20)], visits=rollout()["visits"],
+                                     clues=[(10, 20)], duration=100.0)
+    assert parts.to_record()["task"] == "grounding"
+    assert rollout_reward("lvr", grounding_rollout(interval=None)).iou == 0.0
+    # A QA rollout is scored as before, whatever the grounding weights.
+    assert rollout_reward("lvr", rollout(), RewardWeights(iou=5.0)) == rollout_reward("lvr", rollout())
+    with pytest.raises(ValueError, match="no grounding task"):
+        rollout_reward("reference", grounding_rollout())
+
+
+@settings(max_examples=300)
+@given(st.lists(video_span, min_size=1, max_size=4), st.one_of(st.none(), video_span))
+def test_answer_terms_in_unit_interval_and_one_on_a_target(targets, pred):
+    assert 0.0 <= answer_iou(pred, targets) <= 1.0
+    assert 0.0 <= answer_center_distance(pred, targets, DURATION) <= 1.0
+    hit = targets[-1]
+    assert answer_iou(hit, targets) == 1.0 and answer_center_distance(hit, targets, DURATION) == 1.0
+
+
+@settings(max_examples=300)
+@given(video_span, video_span, visit_lists)
+def test_grounding_total_is_the_weighted_sum_of_its_parts(pred, target, visits):
+    w = RewardWeights(localisation=0.7, repeat=0.3, center_distance=0.4, iou=1.5, interval_center_distance=0.6)
+    p = grounding_reward(interval=pred, targets=[target], visits=visits, clues=[target], duration=DURATION,
+                         weights=w)
+    assert p.iou == temporal_iou(pred, target)
+    assert p.interval_center_distance == interval_center_distance_reward(pred, target, DURATION)
+    assert p.total == pytest.approx(1.5 * p.iou + 0.6 * p.interval_center_distance + 0.7 * p.localisation
+                                    - 0.3 * p.repeat + 0.4 * p.center_distance)

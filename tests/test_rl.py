@@ -292,6 +292,10 @@ def test_usage_errors_are_one_line(world, tmp_path):
          "not a multiple of --num-generations 3"),
         ([*base, "--caption-model", "c", "--vllm", "server"], "--vllm must be auto, off or colocate"),
         ([*base, "--caption-model", "c", "--kl-argument-scale", "2"], "--kl-argument-scale must be in [0, 1]"),
+        ([*base, "--caption-model", "c", "--kl-timestamp-scale", "-0.5"], "--kl-timestamp-scale must be in [0, 1]"),
+        ([*base, "--caption-model", "c", "--kl-timestamp-scale", "0.1", "--beta", "0"],
+         "--kl-timestamp-scale needs a KL term"),
+        ([*base, "--caption-model", "c", "--w-iou", "-1"], "reward weights must not be negative"),
         ([*base, "--caption-model", "c", "--reward", "paper"], "--reward must be one of lvr, reference"),
         ([*base, "--caption-model", "c", "--reward", "reference", "--w-center-distance", "0.5"],
          "--reward reference has no center-distance term"),
@@ -316,6 +320,7 @@ def test_usage_errors_are_one_line(world, tmp_path):
     s = shown["settings"]
     assert (s["num_generations"], s["lr"], s["beta"], s["temperature"], s["max_turns"]) == (16, 1e-6, 1e-4, 1.0, 15)
     assert (s["w_answer"], s["w_localisation"], s["w_repeat"], s["kl_argument_scale"]) == (1.0, 1.0, 0.2, None)
+    assert (s["w_iou"], s["w_interval_center_distance"], s["kl_timestamp_scale"]) == (1.0, 1.0, None)
 
 
 # -- one step, end to end ---------------------------------------------------------------------------

@@ -17,6 +17,11 @@ read (see docs/qa_format.md):
 
 Each may also be a parquet file (read with pyarrow, which ``datasets`` installs).
 
+`lvr synthesize` and `lvr rl` also train on grounding items (`load_training_items`):
+a native file may hold ``lvr.grounding/1`` records (`lvr.infer.grounding`), alone or
+mixed with ``lvr.qa/1`` records in one file; each record is read by its schema. A
+grounding item's clue intervals are its targets (`clue_intervals`).
+
 A bad record is named (``file:line: reason``) and skipped while the rest load;
 a qid seen twice is an error for the later record. A file that cannot be read
 at all raises `QAFormatError`. The files and fields are read with the toolkit
@@ -25,18 +30,23 @@ at all raises `QAFormatError`. The files and fields are read with the toolkit
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from ..infer.benchmarks import NATIVE_SCHEMA as QUESTION_SCHEMA, EvalFormatError, QuestionItem
+from ..infer.grounding import GROUNDING_SCHEMA, GroundingItem, load_grounding_items
+from ..infer.protocol import GROUNDING, QA
 from ..prep.records import (STDIO, Collector, RecordSkip, answer_field, category_field, extra_field, interval_list, interval_pair,
                             json_records, options_field, parquet_records, read_text, sniff_format,
                             source_field, text_field)
 from .released_data import is_rl_row, rl_row
 
-__all__ = ["QA_FORMATS", "QA_SCHEMA", "QAFormatError", "QAItem", "load_qa_items", "validate_clues"]
+__all__ = ["QA_FORMATS", "QA_SCHEMA", "QAFormatError", "QAItem", "TrainingItem", "load_qa_items",
+           "load_training_items", "validate_clues", "item_task", "item_query", "item_options",
+           "clue_intervals"]
 
 QA_FORMATS = ("auto", "native", "cgbench", "longvideo-r1")
 QA_SCHEMA = "lvr.qa/1"
@@ -191,6 +201,70 @@ def load_qa_items(path: "str | Path", fmt: str = "auto", *,
     earlier one is such an error. Raises QAFormatError when the file cannot be
     read at all or its format cannot be told.
     """
+    return _load(path, fmt, stdin, _ADAPTERS, _sniff)
+
+
+# ---------------------------------------------------------------- training items (QA and grounding)
+
+TrainingItem = QAItem | GroundingItem
+
+
+def item_task(item: TrainingItem) -> str:
+    """``grounding`` for a grounding item (answered with an interval), else ``qa``."""
+    return GROUNDING if isinstance(item, GroundingItem) else QA
+
+
+def item_query(item: TrainingItem) -> str:
+    """The text the navigator is asked: a QA item's question, a grounding item's query."""
+    return item.query if isinstance(item, GroundingItem) else item.question
+
+
+def item_options(item: TrainingItem) -> tuple[str, ...]:
+    """A QA item's options (``()`` for an open question); a grounding query has none."""
+    return () if isinstance(item, GroundingItem) else item.options
+
+
+def clue_intervals(item: TrainingItem) -> tuple[tuple[float, float], ...]:
+    """The intervals hints and the localisation reward are computed from: a QA item's clues,
+    a grounding item's targets."""
+    return item.targets if isinstance(item, GroundingItem) else item.clues
+
+
+def _grounding(col: Collector, where: str, rec: dict) -> None:
+    """One ``lvr.grounding/1`` record, read by `load_grounding_items` (the one home of its fields)
+    and given its id by this file's collector, so ids stay unique across QA and grounding items."""
+    items, errors = load_grounding_items(STDIO, "native", stdin=io.StringIO(json.dumps(rec, default=str)))
+    if errors:
+        raise RecordSkip(errors[0].removeprefix(f"{STDIO}:1: "))
+    col.add(where, replace(items[0], qid=col.item_id(rec, ("id",), items[0].video)))
+
+
+def _native_or_grounding(col: Collector, where: str, rec: dict) -> None:
+    """A native record read by its schema: ``lvr.grounding/1`` a grounding item, else a QA item."""
+    if rec.get("schema") == GROUNDING_SCHEMA:
+        _grounding(col, where, rec)
+    else:
+        _native(col, where, rec)
+
+
+def _sniff_training(rec: dict) -> str | None:
+    schema = rec.get("schema")
+    if isinstance(schema, str) and schema.startswith("lvr.grounding/"):
+        return "native"
+    return _sniff(rec)
+
+
+def load_training_items(path: "str | Path", fmt: str = "auto", *,
+                        stdin: IO[str] | None = None) -> tuple[list[TrainingItem], list[str]]:
+    """`load_qa_items` for `lvr synthesize` and `lvr rl`: a native file may also hold
+    ``lvr.grounding/1`` records, alone or mixed with ``lvr.qa/1`` ones, each read by its
+    schema (a grounding record by `lvr.infer.grounding`'s rules). Ids are unique across both
+    kinds; errors are named ``file:line: reason`` and the other records still load."""
+    return _load(path, fmt, stdin, {**_ADAPTERS, "native": _native_or_grounding}, _sniff_training)
+
+
+def _load(path: "str | Path", fmt: str, stdin: IO[str] | None, adapters: dict, sniff) -> tuple[list, list[str]]:
+    """Read a QA file's records and run each through its format's adapter (the loaders above)."""
     if fmt not in QA_FORMATS:
         raise QAFormatError(f"unknown QA format {fmt!r}; one of {', '.join(QA_FORMATS)}")
     name = str(path)
@@ -203,8 +277,8 @@ def load_qa_items(path: "str | Path", fmt: str = "auto", *,
     if not records:
         return [], []
     if fmt == "auto":
-        fmt = sniff_format(name, records, _sniff, "QA")
+        fmt = sniff_format(name, records, sniff, "QA")
     col = Collector()
     for lineno, rec in records:
-        col.take(f"{name}:{lineno}", rec, _ADAPTERS[fmt])
+        col.take(f"{name}:{lineno}", rec, adapters[fmt])
     return col.items, col.errors

@@ -6,6 +6,15 @@ with default weights 1.0, 1.0, 0.2 and 0.0 (the Center-Distance term from
 LongVTG-R1 is an option, off by default). Every part is returned separately
 (`RewardParts`) so it can be logged.
 
+A grounding episode (the answer is a time interval P; the item's targets T) has
+no answer term; the answered interval is scored instead (`grounding_reward`):
+
+    R = w_iou·IoU(P, T) + w_icd·CenDist(P, T) + w_loc·F1 − w_rep·repeat (+ w_cd·center_distance)
+
+with w_iou = w_icd = 1.0 by default, F1 and the center-distance term taken
+against the targets as clues, and no interval (no usable answer) scoring 0 on
+both interval terms.
+
 Two rules compute the parts (`lvr rl --reward`):
 
 - ``lvr`` (default): from the executed visits. Visits are the executed tool
@@ -30,7 +39,8 @@ from dataclasses import asdict, dataclass
 from itertools import zip_longest
 from typing import Any, Iterable, Sequence
 
-from ..infer.protocol import answer_matches, extract_choice
+from ..infer.grounding import best_iou, temporal_iou as _temporal_iou
+from ..infer.protocol import GROUNDING, QA, answer_matches, extract_choice
 from ..prep import tags
 from .hints import CLUE_GAP_S, merge_intervals
 
@@ -202,6 +212,12 @@ def _centre(span: Sequence[float]) -> float:
     return (float(span[0]) + float(span[1])) / 2
 
 
+def _check_duration(duration: Any, what: str) -> None:
+    """ValueError unless `duration` is a positive number of seconds (NaN is not)."""
+    if duration is None or not duration > 0:
+        raise ValueError(f"{what} needs a positive video duration, got {duration!r}")
+
+
 def center_distance_reward(visits: Iterable[Any], clues: Iterable[Sequence[float]],
                            duration: float) -> float:
     """Center-Distance reward (LongVTG-R1 option): how close the visits are to the clue.
@@ -218,8 +234,7 @@ def center_distance_reward(visits: Iterable[Any], clues: Iterable[Sequence[float
     the spans overlap, which keeps it dense. 0 when nothing was visited or
     there are no clues. `duration` must be positive.
     """
-    if not duration or duration <= 0:
-        raise ValueError(f"center_distance_reward needs a positive video duration, got {duration!r}")
+    _check_duration(duration, "center_distance_reward")
     clue_centres = [_centre(c) for c in clues if float(c[1]) >= float(c[0])]
     spans = list(dict.fromkeys(caption_spans(visits)))
     if not spans or not clue_centres:
@@ -248,9 +263,7 @@ def temporal_iou(pred: Sequence[float], target: Sequence[float]) -> float:
     ValueError for a reversed interval (start > end): a reward is never given for one.
     The formula's home is `infer.grounding.temporal_iou`, which eval's metrics use too.
     """
-    from ..infer.grounding import temporal_iou as iou
-
-    return iou(_interval(pred, "answered"), _interval(target, "target"))
+    return _temporal_iou(_interval(pred, "answered"), _interval(target, "target"))
 
 
 def interval_center_distance_reward(pred: Sequence[float], target: Sequence[float], duration: float) -> float:
@@ -265,22 +278,54 @@ def interval_center_distance_reward(pred: Sequence[float], target: Sequence[floa
     stays dense where temporal IoU is 0. `duration` must be positive;
     ValueError for a reversed interval.
     """
-    if not duration or duration <= 0:
-        raise ValueError(f"interval_center_distance_reward needs a positive video duration, got {duration!r}")
+    _check_duration(duration, "interval_center_distance_reward")
     pred, target = _interval(pred, "answered"), _interval(target, "target")
     return 1.0 - min(1.0, abs(_centre(pred) - _centre(target)) / duration)
+
+
+def answer_iou(pred: Sequence[float] | None, targets: Iterable[Sequence[float]]) -> float:
+    """IoU of an answered interval against the target it matches best:
+
+        IoU(P, T) = max over targets t of temporal_iou(P, t)
+
+    0 when there is no answer (None) or no target; eval's `best_iou`, the same rule.
+    """
+    answered = None if pred is None else _interval(pred, "answered")
+    return best_iou(answered, [_interval(t, "target") for t in targets])
+
+
+def answer_center_distance(pred: Sequence[float] | None, targets: Iterable[Sequence[float]],
+                           duration: float) -> float:
+    """CenDist of an answered interval against the nearest target:
+
+        CenDist(P, T) = max over targets t of interval_center_distance_reward(P, t, duration)
+                      = 1 − min(1, min over t of |c_P − c_t| / duration)
+
+    0 when there is no answer (None) or no target; `duration` must be positive.
+    """
+    _check_duration(duration, "answer_center_distance")
+    targets = list(targets)
+    if pred is None or not targets:
+        return 0.0
+    return max(interval_center_distance_reward(pred, t, duration) for t in targets)
 
 
 # --------------------------------------------------------------------------- composite
 
 @dataclass(frozen=True)
 class RewardWeights:
-    """Weights of the composite reward; defaults are LongVideo-R1's (center distance off)."""
+    """Weights of the composite reward; defaults are LongVideo-R1's (center distance off).
+
+    `iou` and `interval_center_distance` weigh a grounding answer's two terms
+    (`grounding_reward`); they play no part in a QA episode's reward.
+    """
 
     answer: float = 1.0
     localisation: float = 1.0
     repeat: float = 0.2
     center_distance: float = 0.0
+    iou: float = 1.0
+    interval_center_distance: float = 1.0
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -292,16 +337,21 @@ class RewardParts:
 
     `rule` is the rule that computed the parts (`REWARD_RULES`); `answer_only` marks
     the reward of an item without clue intervals, whose other parts are None (not
-    part of its reward, so not logged either).
+    part of its reward, so not logged either). `task` is the episode's task: a
+    grounding episode has `iou` and `interval_center_distance` and no `answer`
+    (None); a QA episode the other way round.
     """
 
-    answer: float
+    answer: float | None
     localisation: float | None
     repeat: float | None
     center_distance: float | None
     total: float
     rule: str = "lvr"
     answer_only: bool = False
+    task: str = QA
+    iou: float | None = None
+    interval_center_distance: float | None = None
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -319,9 +369,18 @@ def composite_reward(*, answer: str | None, choice: str | None, options, referen
     F1 = repeat = center_distance = 0, so R is just w_ans·answer.
     Clues must already be merged (`merge_clues`).
     """
+    a = answer_reward(answer, choice, options, reference)
+    f1, rep, cd = _visit_terms(visits, clues, duration, weights)
+    total = (weights.answer * a + weights.localisation * f1 - weights.repeat * rep
+             + weights.center_distance * cd)
+    return RewardParts(answer=a, localisation=f1, repeat=rep, center_distance=cd, total=total)
+
+
+def _visit_terms(visits: Iterable[Any], clues: Iterable[Sequence[float]], duration: float | None,
+                 weights: RewardWeights) -> tuple[float, float, float]:
+    """(F1, repeat, center_distance) of the executed visits against the clues, as both tasks score them."""
     visits = list(visits)
     clues = [tuple(c) for c in clues]
-    a = answer_reward(answer, choice, options, reference)
     f1 = localisation_f1(visits, clues)
     rep = repeat_penalty(visits)
     if duration is not None and duration > 0:
@@ -330,9 +389,28 @@ def composite_reward(*, answer: str | None, choice: str | None, options, referen
         raise ValueError("a center-distance weight needs the video duration")
     else:
         cd = 0.0
-    total = (weights.answer * a + weights.localisation * f1 - weights.repeat * rep
-             + weights.center_distance * cd)
-    return RewardParts(answer=a, localisation=f1, repeat=rep, center_distance=cd, total=total)
+    return f1, rep, cd
+
+
+def grounding_reward(*, interval: Sequence[float] | None, targets: Iterable[Sequence[float]],
+                     visits: Sequence[Any], clues: Iterable[Sequence[float]], duration: float,
+                     weights: RewardWeights = RewardWeights()) -> RewardParts:
+    """R = w_iou·IoU + w_icd·CenDist + w_loc·F1 − w_rep·repeat + w_cd·center_distance (a grounding episode).
+
+    IoU = `answer_iou(interval, targets)` and CenDist = `answer_center_distance(interval,
+    targets, duration)`, both 0 without an interval; F1, repeat and center_distance are
+    the visits' terms of `composite_reward`, with `clues` the targets merged
+    (`merge_clues`). There is no answer term: the interval terms replace it.
+    `duration` (seconds) must be positive.
+    """
+    targets = [tuple(t) for t in targets]
+    iou = answer_iou(interval, targets)
+    icd = answer_center_distance(interval, targets, duration)
+    f1, rep, cd = _visit_terms(visits, clues, duration, weights)
+    total = (weights.iou * iou + weights.interval_center_distance * icd + weights.localisation * f1
+             - weights.repeat * rep + weights.center_distance * cd)
+    return RewardParts(answer=None, localisation=f1, repeat=rep, center_distance=cd, total=total,
+                       task=GROUNDING, iou=iou, interval_center_distance=icd)
 
 
 # --------------------------------------------------------------------------- the reference's rule
@@ -516,10 +594,21 @@ def answer_only_reward(rule: str, *, answer: str | None, choice: str | None, opt
 
 def rollout_reward(rule: str, rollout: dict, weights: RewardWeights = RewardWeights()) -> RewardParts:
     """The reward of one rollout record (`train.rl`: answer, choice, options, reference, visits,
-    clues, duration, width, turn_texts, results, breaches) under `rule`."""
+    clues, duration, width, turn_texts, results, breaches; a grounding rollout, ``"task":
+    "grounding"``, has interval and targets instead of choice and reference) under `rule`.
+
+    Grounding rollouts are scored by `grounding_reward`; the ``reference`` rule has no
+    grounding task (LongVideo-R1 has none), so it refuses them (ValueError).
+    """
     if rule not in REWARD_RULES:
         raise ValueError(f"unknown reward rule {rule!r} (use one of {', '.join(REWARD_RULES)})")
     clues = rollout.get("clues") or []
+    if rollout.get("task") == GROUNDING:
+        if rule == "reference":
+            raise ValueError("the reference reward rule has no grounding task (LongVideo-R1 has none); use lvr")
+        return grounding_reward(interval=rollout.get("interval"), targets=rollout.get("targets") or [],
+                                visits=rollout.get("visits") or [], clues=clues, duration=rollout.get("duration"),
+                                weights=weights)
     transcript = (rollout_transcript(rollout.get("turn_texts") or [], rollout.get("results") or [],
                                      rollout.get("breaches") or []) if rule == "reference" else "")
     if not clues:

@@ -14,7 +14,13 @@ number for number):
 
     R = w_ans·answer + w_loc·F1 − w_rep·repeat (+ w_cd·center_distance)
 
-and, for an item without clue intervals, R = w_ans·answer alone.
+and, for an item without clue intervals, R = w_ans·answer alone. The file may
+also hold grounding items (``lvr.grounding/1``, alone or mixed with QA items):
+their rollouts are grounding queries answered with an interval, and their
+reward puts the answered interval's terms in place of the answer term
+(`train.rewards.grounding_reward`, the targets serving as clues):
+
+    R = w_iou·IoU + w_icd·CenDist + w_loc·F1 − w_rep·repeat (+ w_cd·center_distance)
 
 Defaults follow LongVideo-R1: group size 16, lr 1e-6, KL coefficient 1e-4 with
 the low-variance k3 estimator (TRL's KL term is exactly k3:
@@ -22,12 +28,13 @@ exp(ref − logp) − (ref − logp) − 1, weighted by `beta`), temperature 1.0
 15 turns. Each logged step carries the mean reward, each reward part, turns per
 rollout, the share of invalid turns, the KL, and TRL's own metrics.
 
-Token-aware KL (option, LongVTG-R1): `kl_argument_scale=s` scales the KL
-penalty on the tokens that spell a tool call's node id by s (0 removes it). It is
-done by moving those tokens' reference log-probs before the loss (see
-`LvrGRPOTrainer`): the gradient of TRL's k3 term there becomes exactly s times
-the original at the sampling policy, which is where GRPO with one iteration per
-batch evaluates it.
+Token-aware KL (options, LongVTG-R1): `kl_argument_scale=s` scales the KL
+penalty on the tokens that spell a tool call's node id by s (0 removes it), and
+`kl_timestamp_scale=s` on the tokens that spell the two times of a grounding
+answer's interval (`train.rollout.timestamp_token_mask`). It is done by moving
+those tokens' reference log-probs before the loss (see `LvrGRPOTrainer`): the
+gradient of TRL's k3 term there becomes exactly s times the original at the
+sampling policy, which is where GRPO with one iteration per batch evaluates it.
 
 The output folder is a plain checkpoint (weights, config, tokenizer with the
 think-keeping chat template) plus `lvr_rl.json`: `lvr ask --backend transformers
@@ -44,6 +51,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from ..infer.protocol import GROUNDING, QA
 from .hints import CLUE_GAP_S
 from .rewards import REWARD_RULES, RewardWeights, merge_clues, rollout_reward
 from ..prep.options import option, override
@@ -62,7 +70,7 @@ TOOL = "lvr rl"
 VLLM_MODES = ("auto", "off", "colocate")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
-REWARD_PARTS = ("answer", "localisation", "repeat", "center_distance")
+REWARD_PARTS = ("answer", "localisation", "repeat", "center_distance", "iou", "interval_center_distance")
 
 
 class RlError(ValueError):
@@ -145,9 +153,20 @@ class RlSettings(TrainingSettings, LossTypeSettings):
                              help="Weight of the repeated-call penalty (subtracted).")
     w_center_distance: float = option(0.0, "--w-center-distance", panel=REWARD_PANEL,
                                       help="Weight of the LongVTG-R1 center-distance reward (off: 0).")
+    w_iou: float = option(1.0, "--w-iou", panel=REWARD_PANEL,
+                          help="Grounding items: weight of the temporal IoU of the answered interval with the "
+                               "best-matching target (in place of the answer term).")
+    w_interval_center_distance: float = option(1.0, "--w-interval-center-distance", panel=REWARD_PANEL,
+                                               help="Grounding items: weight of the answered interval's "
+                                                    "Center-Distance reward (LongVTG-R1's CenDist), 1 - |centre "
+                                                    "distance to the nearest target| / duration.")
     kl_argument_scale: float | None = option(None, "--kl-argument-scale", metavar="S", panel=GRPO_PANEL,
                                              help="Token-aware KL (LongVTG-R1): scale the KL penalty on the tokens "
                                                   "of tool-call node ids by S (0 frees them). Off by default.")
+    kl_timestamp_scale: float | None = option(None, "--kl-timestamp-scale", metavar="S", panel=GRPO_PANEL,
+                                              help="Token-aware KL (LongVTG-R1): scale the KL penalty on the tokens "
+                                                   "of the two times in a grounding answer's [start, end] by S (0 "
+                                                   "frees them). Off by default.")
     # generation
     vllm: str = option("auto", "--vllm", panel=ROLLOUT_PANEL,
                        help="auto (colocate when vLLM is installed and a GPU is there), off (transformers generate "
@@ -164,7 +183,8 @@ class RlSettings(TrainingSettings, LossTypeSettings):
 
     def weights(self) -> RewardWeights:
         return RewardWeights(answer=self.w_answer, localisation=self.w_localisation, repeat=self.w_repeat,
-                             center_distance=self.w_center_distance)
+                             center_distance=self.w_center_distance, iou=self.w_iou,
+                             interval_center_distance=self.w_interval_center_distance)
 
     def record_extras(self) -> dict:
         return {"reward_weights": self.weights().to_record(),
@@ -190,11 +210,13 @@ class RlSettings(TrainingSettings, LossTypeSettings):
         if self.vllm not in VLLM_MODES:
             raise RlError(f"--vllm must be auto, off or colocate, not {self.vllm!r} (multi-turn rollouts sample turn "
                           "by turn in each process, which TRL's vLLM server mode does not support)")
-        if self.kl_argument_scale is not None:
-            if not 0 <= self.kl_argument_scale <= 1:
-                raise RlError(f"--kl-argument-scale must be in [0, 1], not {self.kl_argument_scale}")
-            if self.beta == 0:
-                raise RlError("--kl-argument-scale needs a KL term (--beta above 0)")
+        for flag, scale in (("--kl-argument-scale", self.kl_argument_scale),
+                            ("--kl-timestamp-scale", self.kl_timestamp_scale)):
+            if scale is not None:
+                if not 0 <= scale <= 1:
+                    raise RlError(f"{flag} must be in [0, 1], not {scale}")
+                if self.beta == 0:
+                    raise RlError(f"{flag} needs a KL term (--beta above 0)")
         if self.max_tokens > self.max_completion_length:
             raise RlError(f"--max-tokens {self.max_tokens} is larger than --max-completion-length "
                           f"{self.max_completion_length}")
@@ -202,7 +224,8 @@ class RlSettings(TrainingSettings, LossTypeSettings):
             raise RlError(f"--turn-batch must be positive, not {self.turn_batch}")
         if self.max_invalid < 0:
             raise RlError(f"--max-invalid must not be negative, not {self.max_invalid}")
-        if self.w_center_distance < 0 or self.w_answer < 0 or self.w_localisation < 0 or self.w_repeat < 0:
+        if min(self.w_center_distance, self.w_answer, self.w_localisation, self.w_repeat, self.w_iou,
+               self.w_interval_center_distance) < 0:
             raise RlError("reward weights must not be negative (the repeat weight is subtracted)")
         if self.clue_gap < 0:
             raise RlError(f"--clue-gap must not be negative, not {self.clue_gap}")
@@ -241,12 +264,14 @@ class RlSettings(TrainingSettings, LossTypeSettings):
 
 @dataclass
 class RlItem:
-    """A QA item ready for rollouts: its video file and merged clues (none: answer-only reward)."""
+    """A QA or grounding item ready for rollouts: its video file and merged clues (a grounding item's
+    targets; none: answer-only reward)."""
 
     key: str                  # the prompt TRL carries for it (the item's qid)
-    item: Any                 # train.qa_items.QAItem
+    item: Any                 # train.qa_items.TrainingItem: a QAItem or a GroundingItem
     video: Path
     clues: list[tuple[float, float]]
+    task: str = QA            # qa, or grounding (answered with an interval)
 
 
 @dataclass
@@ -258,13 +283,15 @@ class RlData:
     def describe(self) -> str:
         videos = len({str(i.video) for i in self.items})
         bad = f", {len(self.errors)} skipped" if self.errors else ""
-        return f"{len(self.items)} QA items over {videos} videos{bad}"
+        grounding = sum(1 for i in self.items if i.task == GROUNDING)
+        kinds = f" ({len(self.items) - grounding} QA, {grounding} grounding)" if grounding else ""
+        return f"{len(self.items)} {'' if grounding else 'QA '}items{kinds} over {videos} videos{bad}"
 
 
 def load_rl_data(settings: RlSettings) -> RlData:
-    """Read the QA items and resolve their videos; RlError when nothing usable remains."""
+    """Read the QA and grounding items and resolve their videos; RlError when nothing usable remains."""
     from ..infer.benchmarks import EvalFormatError, resolve_video
-    from .qa_items import load_qa_items
+    from .qa_items import clue_intervals, item_task, load_training_items
 
     name = settings.qa
     if name == "-":
@@ -272,9 +299,13 @@ def load_rl_data(settings: RlSettings) -> RlData:
     if not Path(name).is_file():
         raise RlError(f"{name}: no such QA file" if not Path(name).exists() else f"{name}: not a file")
     try:
-        items, errors = load_qa_items(name, settings.format)
+        items, errors = load_training_items(name, settings.format)
     except EvalFormatError as e:
         raise RlError(str(e)) from None
+    grounding = sum(1 for item in items if item_task(item) == GROUNDING)
+    if grounding and settings.reward == "reference":
+        raise RlError(f"{name}: {grounding} grounding items, which --reward reference cannot score "
+                      f"(LongVideo-R1's reward has no grounding task); use --reward lvr")
     data = RlData(name, errors=list(errors))
     video_dir = Path(settings.video_dir) if settings.video_dir else Path(name).parent
     for item in items[: settings.max_items] if settings.max_items else items:
@@ -283,7 +314,9 @@ def load_rl_data(settings: RlSettings) -> RlData:
         except (EvalFormatError, OSError) as e:
             data.errors.append(f"{item.qid}: {e}")
             continue
-        data.items.append(RlItem(item.qid, item, video, merge_clues(settings.reward, item.clues, settings.clue_gap)))
+        data.items.append(RlItem(item.qid, item, video,
+                                 merge_clues(settings.reward, clue_intervals(item), settings.clue_gap),
+                                 item_task(item)))
     if not data.items:
         first = f" (first problem: {data.errors[0]})" if data.errors else ""
         raise RlError(f"{name}: no usable QA items{first}")
@@ -434,11 +467,13 @@ class RolloutFunction:
         from ..infer.environment import VideoEnv
         from ..prep.models.base import ModelError
         from ..prep.probe import VideoError
+        from .qa_items import item_options, item_query
         from .rollout import TokenRecordingModel
 
         it = self.items.get(key)
         if it is None:
             raise RlError(f"the trainer asked for an unknown item {key!r}")
+        query, options = item_query(it.item), item_options(it.item)
         s = self.settings
         model = TokenRecordingModel(self.tokenizer, batcher, max_completion_tokens=s.max_completion_length)
         agent = AgentOptions(max_rounds=s.max_turns, max_invalid=s.max_invalid, max_tokens=s.max_tokens,
@@ -448,13 +483,13 @@ class RolloutFunction:
             env = VideoEnv(nodes, navigator.captioner(s.subtitles and it.item.extra.get("subtitles", True)),
                            navigator.video_qa(), navigator.profile)
         except (VideoError, ValueError, ModelError) as e:
-            result = AgentResult(it.item.question, it.item.options, stopped="error", error=str(e))
+            result = AgentResult(query, options, stopped="error", error=str(e), task=it.task)
             return it, None, model, result
-        result = await run_agent(model, env, it.item.question, it.item.options, template=navigator.template,
-                                 agent=agent)
+        result = await run_agent(model, env, query, options, template=navigator.template, agent=agent, task=it.task)
         return it, env, model, result
 
     def _to_trl(self, records: list) -> dict:
+        from .qa_items import item_options, item_query
         from .rollout import MASK_ENV
 
         eos = self.tokenizer.eos_token_id
@@ -462,7 +497,7 @@ class RolloutFunction:
                                 "rollout": []}
         for it, env, model, result in records:
             rec = model.record
-            prompt = list(rec.prompt_ids) or list(self.tokenizer(it.item.question, add_special_tokens=False)
+            prompt = list(rec.prompt_ids) or list(self.tokenizer(item_query(it.item), add_special_tokens=False)
                                                   ["input_ids"]) or [eos]
             completion, mask, logprobs = list(rec.completion_ids), list(rec.env_mask), list(rec.logprobs)
             if not rec.truncated and (not completion or completion[-1] != eos):
@@ -475,11 +510,14 @@ class RolloutFunction:
             out["completion_ids"].append(completion)
             out["logprobs"].append(logprobs)
             out["env_mask"].append(mask)
+            grounding = it.task == GROUNDING
             out["rollout"].append({
-                "qid": it.key,
+                "qid": it.key, "task": it.task,
                 "video_id": env.video_id if env else None,
                 "answer": result.answer, "choice": result.choice,
-                "options": list(it.item.options), "reference": it.item.answer,
+                "options": list(item_options(it.item)), "reference": None if grounding else it.item.answer,
+                **({"interval": list(result.interval) if result.interval is not None else None,
+                    "targets": [list(t) for t in it.item.targets]} if grounding else {}),
                 "visits": [v.to_record() for v in env.visits] if env else [],
                 "clues": [list(c) for c in it.clues],
                 "duration": env.duration if env else None,
@@ -580,20 +618,24 @@ def _trainer_class():
         def _generate_and_score_completions(self, inputs):
             output = super()._generate_and_score_completions(inputs)
             rollouts = self.lvr_rollouts.last
-            scale = self.lvr_settings.kl_argument_scale
-            if scale is not None and output.get("ref_per_token_logps") is not None:
-                output["ref_per_token_logps"] = self._token_aware_reference(output, scale)
             self.lvr_last_batch = {k: output[k] for k in ("prompt_ids", "prompt_mask", "completion_ids",
                                                            "completion_mask", "advantages") if k in output}
+            if output.get("ref_per_token_logps") is not None:
+                # Kept as TRL computed it, beside what the loss uses, so the token-aware shift can be checked.
+                self.lvr_last_batch["trl_ref_per_token_logps"] = output["ref_per_token_logps"]
+                output["ref_per_token_logps"] = self._token_aware_reference(output)
+                self.lvr_last_batch["ref_per_token_logps"] = output["ref_per_token_logps"]
             if "tool_mask" in output:
                 self.lvr_last_batch["tool_mask"] = output["tool_mask"]
             if self.lvr_settings.rollout_log:
                 self._write_rollout_log(output, rollouts)
             return output
 
-        def _token_aware_reference(self, output, scale: float):
-            """Reference log-probs that scale the KL penalty by `scale` on node-id tokens (`scaled_reference`)."""
-            from .rollout import argument_token_mask
+        def _token_aware_reference(self, output):
+            """Reference log-probs that scale the KL penalty on node-id tokens by --kl-argument-scale and
+            on a grounding answer's timestamp tokens by --kl-timestamp-scale (`scaled_reference`); the
+            reference unchanged where neither is set."""
+            from .rollout import argument_token_mask, timestamp_token_mask
 
             ref = output["ref_per_token_logps"]
             current = output.get("old_per_token_logps")
@@ -601,16 +643,30 @@ def _trainer_class():
                 current = output.get("sampling_per_token_logps")
             if current is None:
                 return ref
+            self.lvr_last_batch["kl_current_logps"] = current
+            s = self.lvr_settings
+            for scale, token_mask, metric, tasks in (
+                    (s.kl_argument_scale, argument_token_mask, "kl_argument_tokens", (QA, GROUNDING)),
+                    (s.kl_timestamp_scale, timestamp_token_mask, "kl_timestamp_tokens", (GROUNDING,))):
+                if scale is None:
+                    continue
+                marks = self._marked_tokens(ref, token_mask, tasks)   # node ids and times never share a token
+                self._metrics["train"][metric].append(float(self.accelerator.gather(marks.sum()).sum().item()))
+                ref = torch.where(marks, scaled_reference(ref, current, scale), ref)
+            return ref
+
+        def _marked_tokens(self, ref, token_mask, tasks):
+            """Where `token_mask` marks a sampled turn's tokens in the batch, for rollouts of `tasks`."""
             marks = torch.zeros_like(ref, dtype=torch.bool)
-            for row, rec in enumerate(self.lvr_rollouts.last_records[: ref.shape[0]]):
-                record = rec[2].record
+            for row, (item, _env, model, _result) in enumerate(self.lvr_rollouts.last_records[: ref.shape[0]]):
+                if item.task not in tasks:
+                    continue
+                record = model.record
                 for start, end in record.turns:
-                    for i, m in enumerate(argument_token_mask(self.processing_class, record.completion_ids[start:end])):
+                    for i, m in enumerate(token_mask(self.processing_class, record.completion_ids[start:end])):
                         if m and start + i < ref.shape[1]:
                             marks[row, start + i] = True
-            self._metrics["train"]["kl_argument_tokens"].append(
-                float(self.accelerator.gather(marks.sum()).sum().item()))
-            return torch.where(marks, scaled_reference(ref, current, scale), ref)
+            return marks
 
         def _write_rollout_log(self, output, rollouts: list[dict]) -> None:
             from accelerate.utils import gather_object as gather
@@ -732,8 +788,8 @@ def build_trainer(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[
 
 CURVE_KEYS = ("reward", "reward_std", *(f"rewards/{p}" for p in REWARD_PARTS), "rewards/answer_only",
               "rollout/turns", "rollout/invalid_turn_share", "rollout/tool_calls", "rollout/answered",
-              "rollout/truncated", "rollout/errors", "kl", "kl_argument_tokens", "entropy", "completions/mean_length",
-              "loss", "learning_rate")
+              "rollout/truncated", "rollout/errors", "kl", "kl_argument_tokens", "kl_timestamp_tokens", "entropy",
+              "completions/mean_length", "loss", "learning_rate")
 
 
 def reward_curve(log_history: list[dict]) -> list[dict]:

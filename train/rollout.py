@@ -34,14 +34,16 @@ Generation backends (`TurnGenerator`):
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from ..infer.protocol import STOP_STRINGS, call_node_span
+from ..infer.protocol import STOP_STRINGS, Breach, call_node_span, parse_interval
 from ..prep.models.base import Completion, GenerationOptions, Message, ModelError, Usage, message_text
-from ..prep.tags import strip_think
+from ..prep import tags
+from ..prep.tags import ANSWER, strip_think
 
 MASK_MODEL, MASK_ENV = 1, 0
 
@@ -467,34 +469,70 @@ class LoopThread:
             self._thread.join(timeout=10)
 
 
-# -- tool-argument tokens (token-aware KL) -------------------------------------------------------
+# -- tool-argument and timestamp tokens (token-aware KL) -----------------------------------------
 
 def argument_token_mask(tokenizer, tokens: Sequence[int]) -> list[int]:
     """1 for the tokens of a sampled turn that spell the node id of its tool call, else 0.
 
     The node id is found by the protocol's own parser (`call_node_span`). The call
     sits at the end of the turn (generation stops at the tool's closing tag), so
-    only a short tail is decoded: each token's character span is measured from
-    the end of the text, and tokens overlapping the ``(h, m[, l])`` tuple are
-    marked.
+    only a short tail is decoded (`tokens_over`), and tokens overlapping the
+    ``(h, m[, l])`` tuple are marked.
     """
-    n = len(tokens)
-    mask = [0] * n
-    if not n:
-        return mask
-    full = tokenizer.decode(list(tokens), skip_special_tokens=False)
+    full = tokenizer.decode(list(tokens), skip_special_tokens=False) if tokens else ""
     span = call_node_span(full)
-    if span is None:
+    return tokens_over(tokenizer, tokens, full, [span] if span else [])
+
+
+# The numbers of an interval answer; the protocol's syntax (`parse_interval`) allows no others in it.
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def timestamp_spans(text: str) -> list[tuple[int, int]]:
+    """Where the two times of a turn's interval answer stand in `text`: (start, end) offsets.
+
+    The last ``<answer>`` block outside the reasoning counts, and only when it reads as an
+    interval in the protocol's syntax (`parse_interval`; reversed or outside the video is still
+    an interval's wording); [] otherwise. E.g. ``<answer>[12.5, 30s]</answer>``: the spans of
+    ``12.5`` and ``30``.
+    """
+    spans = tags.block_spans(ANSWER, tags.blank_think(text))
+    if not spans:
+        return []
+    start, end = spans[-1]
+    if parse_interval(text[start:end], None) == Breach.MALFORMED_INTERVAL:
+        return []
+    return [m.span() for m in _NUMBER.finditer(text, start, end)]
+
+
+def timestamp_token_mask(tokenizer, tokens: Sequence[int]) -> list[int]:
+    """1 for the tokens of a sampled turn that spell the times of its interval answer, else 0.
+
+    The times are found in the decoded text (`timestamp_spans`) and every token whose
+    characters overlap them is marked, so a token that merges a digit with a bracket, a
+    comma or a space (``[12``, ``5,``) counts while the brackets, comma and tags alone do not.
+    """
+    full = tokenizer.decode(list(tokens), skip_special_tokens=False) if tokens else ""
+    return tokens_over(tokenizer, tokens, full, timestamp_spans(full))
+
+
+def tokens_over(tokenizer, tokens: Sequence[int], full: str, spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap one of `spans` (offsets into `full`, the decoded
+    tokens), else 0.
+
+    Each token's character span is measured from the end of the text (decoding ever longer
+    suffixes), so only the tail that holds the spans is decoded: actions end a turn.
+    """
+    mask = [0] * len(tokens)
+    if not spans:
         return mask
-    lo, hi = span
-    # Suffix lengths: chars from token i to the end; decode suffixes until the node id is covered.
+    first = min(lo for lo, _ in spans)
     ends = len(full)
-    for i in range(n - 1, -1, -1):
+    for i in range(len(tokens) - 1, -1, -1):
         begin = len(full) - len(tokenizer.decode(list(tokens[i:]), skip_special_tokens=False))
-        if begin < hi and ends > lo:
+        if any(begin < hi and ends > lo for lo, hi in spans):
             mask[i] = 1
         ends = begin
-        if begin <= lo:
+        if begin <= first:
             break
     return mask
-

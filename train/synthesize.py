@@ -4,6 +4,11 @@ The teacher runs the same environment, protocol and loop as `lvr ask`, with a
 reviewer that knows the answer: a wrong answer is dropped and a hint shown
 (train/hints.py), up to three times. Each item's trajectory is appended as
 soon as it ends, so a killed run resumes with the items not yet written.
+
+Grounding items (``lvr.grounding/1``, alone or mixed with QA items in one file) run
+as grounding queries: the teacher answers with an interval, which is right when its
+IoU with the best-matching target is at least `accept_iou`; the hints are built from
+the targets exactly as a QA item's are from its clues.
 """
 
 from __future__ import annotations
@@ -18,16 +23,21 @@ from pathlib import Path
 from ..infer.agent import AgentResult, Turn, Verdict
 from ..infer.benchmarks import EvalFormatError, default_video_dir, resolve_video
 from ..infer.environment import VideoEnv
+from ..infer.grounding import recall_at
 from ..infer.navigator import Asked, Navigator, NavigatorOptions
 from ..infer.progress import BatchProgress, time_spent
-from ..infer.protocol import answer_matches
+from ..infer.protocol import GROUNDING, answer_matches
+from ..prep.options import check_options, option
 from ..prep.work_queue import run_jobs, unfinished
 from ..prep.jsonl import JsonlWriter
 from ..prep.models.base import Usage, text_messages
 from ..prep.progress import Reporter
 from .hints import CLUE_GAP_S, MAX_HINTS, hint_for, merge_intervals
 from .lint import TRAJECTORY_SCHEMA
-from .qa_items import QAItem, load_qa_items
+from .qa_items import TrainingItem, clue_intervals, item_options, item_query, item_task, load_training_items
+from .rewards import answer_iou
+
+DATA_PANEL = "QA items"
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,13 @@ class SynthesizeOptions:
     subtitles: bool = True
     price_prompt_per_m: float | None = None      # USD per million teacher prompt tokens
     price_completion_per_m: float | None = None  # USD per million teacher completion tokens
+    accept_iou: float = option(0.5, "--accept-iou", min=0.0, max=1.0, metavar="IOU", panel=DATA_PANEL,
+                               help="Grounding items: accept the teacher's interval when its IoU with the "
+                                    "best-matching target is at least this; below it the turn is dropped and the "
+                                    "next hint shown, as for a wrong QA answer.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def cost_usd(usage: Usage, options: SynthesizeOptions) -> float | None:
@@ -50,14 +67,23 @@ def cost_usd(usage: Usage, options: SynthesizeOptions) -> float | None:
                  + usage.completion_tokens * (options.price_completion_per_m or 0.0) / 1e6, 10)
 
 
-def make_reviewer(item: QAItem, clues: list[tuple[float, float]]):
+def is_right(item: TrainingItem, result: AgentResult, accept_iou: float) -> bool:
+    """Whether the result's answer is right: a QA answer matches the item's answer
+    (`answer_matches`); a grounding interval reaches `accept_iou` against its best target
+    (eval's R@t rule, so a threshold is met up to float rounding)."""
+    if item_task(item) == GROUNDING:
+        return result.interval is not None and recall_at([answer_iou(result.interval, item.targets)], accept_iou) == 1
+    return answer_matches(result.answer, result.choice, item.options, item.answer)
+
+
+def make_reviewer(item: TrainingItem, clues: list[tuple[float, float]], accept_iou: float):
     """The answer reviewer for one item: accept a right answer, else the next hint, else give up."""
 
     def for_env(env: VideoEnv):
         spans = {node_id: (n["start"], n["end"]) for node_id, n in env.nodes.items()}
 
         async def review(result: AgentResult, turn: Turn) -> Verdict:
-            if answer_matches(result.answer, result.choice, item.options, item.answer):
+            if is_right(item, result, accept_iou):
                 return Verdict(True)
             level = len(result.hints) + 1
             if level > MAX_HINTS:
@@ -70,10 +96,10 @@ def make_reviewer(item: QAItem, clues: list[tuple[float, float]]):
     return for_env
 
 
-def trajectory_record(item: QAItem, asked: Asked, clues, options: SynthesizeOptions) -> dict:
+def trajectory_record(item: TrainingItem, asked: Asked, clues, options: SynthesizeOptions) -> dict:
     result, env = asked.result, asked.env
-    correct = result.stopped == "answered" and answer_matches(result.answer, result.choice, item.options,
-                                                              item.answer)
+    grounding = item_task(item) == GROUNDING
+    correct = result.stopped == "answered" and is_right(item, result, options.accept_iou)
     dropped_turns = [t for t in result.turns if t.dropped]
     hints = [{"level": h.level, "after_turn": h.after_turn, "ids": [list(i) for i in h.ids], "text": h.text}
              for h in result.hints]
@@ -81,13 +107,17 @@ def trajectory_record(item: QAItem, asked: Asked, clues, options: SynthesizeOpti
     for i, turn in enumerate(dropped_turns):
         kept_before = sum(1 for t in result.turns[: result.turns.index(turn)] if not t.dropped)
         dropped.append({"after_turn": kept_before, "text": turn.text, "answer": turn.parsed.answer,
-                        "hint_level": result.hints[i].level if i < len(result.hints) else None})
+                        "hint_level": result.hints[i].level if i < len(result.hints) else None,
+                        **(_interval_fields(turn.parsed.interval, item) if grounding else {})})
     usage = result.reasoning.usage
     return {
-        "schema": TRAJECTORY_SCHEMA, "qid": item.qid, "video": item.video,
+        "schema": TRAJECTORY_SCHEMA, "task": item_task(item), "qid": item.qid, "video": item.video,
         "video_id": env.video_id, "K": env.k, "duration": env.duration,
-        "question": item.question, "options": list(item.options), "answer": item.answer,
-        "clues": [list(c) for c in clues], "category": item.category,
+        "question": item_query(item), "options": list(item_options(item)),
+        "answer": None if grounding else item.answer,
+        **({"targets": [list(t) for t in item.targets], "accept_iou": options.accept_iou,
+            **_interval_fields(result.interval, item)} if grounding else {}),
+        "clues": [list(c) for c in clues], "category": getattr(item, "category", None),
         "accepted": correct, "correct": correct, "stopped": result.stopped,
         "attempts": sum(1 for t in result.turns if t.parsed.answer is not None),
         "messages": text_messages(result.clean_messages()),
@@ -97,6 +127,13 @@ def trajectory_record(item: QAItem, asked: Asked, clues, options: SynthesizeOpti
         "tokens": usage.to_record(), "cost_usd": cost_usd(usage, options),
         "accounting": asked.accounting(), "settings": asked.settings,
     }
+
+
+def _interval_fields(interval: tuple[float, float] | None, item: TrainingItem) -> dict:
+    """A grounding answer's interval and its IoU with the best-matching target (both None without one)."""
+    if interval is None:
+        return {"interval": None, "iou": None}
+    return {"interval": list(interval), "iou": answer_iou(interval, item.targets)}
 
 
 @dataclass
@@ -112,12 +149,12 @@ class SynthesizeSummary:
     seconds: float = 0.0
 
 
-def load_items(qa_path: str, options: SynthesizeOptions) -> tuple[list[QAItem], list[str]]:
-    """The items to synthesize, and one error line per record or item that cannot be."""
-    loaded, errors = load_qa_items(qa_path, options.format)
+def load_items(qa_path: str, options: SynthesizeOptions) -> tuple[list[TrainingItem], list[str]]:
+    """The items to synthesize (QA and grounding), and one error line per record or item that cannot be."""
+    loaded, errors = load_training_items(qa_path, options.format)
     items = []
     for item in loaded:
-        if item.clues:
+        if clue_intervals(item):
             items.append(item)
         else:   # the reviewer's hints are built from the clues: a clue-free item would get empty ones
             errors.append(f"{qa_path}: item {item.qid}: no clues; synthesize needs at least one clue interval "
@@ -155,7 +192,7 @@ def run_synthesize(qa_path: str, output: "str | os.PathLike | None", nav: Naviga
     return summary
 
 
-async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: NavigatorOptions, cache_dir: Path,
+async def _synthesize_all(items: list[TrainingItem], writer: JsonlWriter, nav: NavigatorOptions, cache_dir: Path,
                           video_dir: Path, options: SynthesizeOptions, summary: SynthesizeSummary, log,
                           reporter: Reporter) -> None:
     navigator = Navigator(nav, cache_dir)
@@ -164,7 +201,7 @@ async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: Navigat
     def over_budget() -> bool:
         return options.token_budget is not None and summary.teacher.total_tokens >= options.token_budget
 
-    async def one(item: QAItem) -> None:
+    async def one(item: TrainingItem) -> None:
         try:
             video = resolve_video(item.video, video_dir)
         except (EvalFormatError, OSError) as e:
@@ -172,10 +209,11 @@ async def _synthesize_all(items: list[QAItem], writer: JsonlWriter, nav: Navigat
             log(f"error: {item.qid}: {e}")
             progress.item_ended(None)
             return
-        clues = merge_intervals(item.clues, options.clue_gap_s)
+        clues = merge_intervals(clue_intervals(item), options.clue_gap_s)
         question = progress.question(video)
-        asked = await navigator.ask(video, item.question, item.options, subtitles=options.subtitles,
-                                    make_review=make_reviewer(item, clues), callbacks=question.callbacks)
+        asked = await navigator.ask(video, item_query(item), item_options(item), subtitles=options.subtitles,
+                                    task=item_task(item), make_review=make_reviewer(item, clues, options.accept_iou),
+                                    callbacks=question.callbacks)
         summary.teacher.add(asked.result.reasoning.usage)
         if asked.env is None or asked.result.stopped == "error":
             summary.failed.append(f"{item.qid}: {asked.error}")
@@ -240,7 +278,7 @@ EST_CAPTION_TOKENS = {1: 530, 2: 530, 3: 270}   # ~400 / ~200 words
 EST_SYSTEM_TOKENS = 450
 
 
-def estimate(items: list[QAItem], video_dir: Path, nav: NavigatorOptions,
+def estimate(items: list[TrainingItem], video_dir: Path, nav: NavigatorOptions,
              options: SynthesizeOptions) -> Estimate:
     """Requests and tokens a run would need, from video durations alone (no model is called)."""
     from ..prep.probe import VideoError, probe_duration
