@@ -52,6 +52,7 @@ __all__ = [
     "TaskOptions",
     "grounding_format_of",
     "load_grounding_items",
+    "native_record",
     "validate_intervals",
     "temporal_iou",
     "best_iou",
@@ -163,7 +164,9 @@ def _targets(value: Any, key: str, duration: float | None) -> tuple[Interval, ..
 
 # ---------------------------------------------------------------- adapters
 
-def _native(col: Collector, where: str, rec: dict) -> None:
+def native_record(col: Collector, where: str, rec: dict) -> None:
+    """One ``lvr.grounding/1`` record into `col` (RecordSkip with the reason when it is unusable);
+    `lvr.train.qa_items` reads the grounding records of a mixed training file with it too."""
     schema = rec.get("schema", GROUNDING_SCHEMA)
     if schema != GROUNDING_SCHEMA:
         raise RecordSkip(f"schema {schema!r} is not {GROUNDING_SCHEMA!r}")
@@ -341,7 +344,7 @@ def load_grounding_items(path: "str | Path", fmt: str = "auto", *,
         return [], []
     if fmt == "auto":
         fmt = sniff_format(name, list(first_records(iter(records))), _sniff, "grounding")
-    adapter = {"native": _native, "cgbench": _cgbench}[fmt]
+    adapter = {"native": native_record, "cgbench": _cgbench}[fmt]
     for lineno, rec in records:
         col.take(f"{name}:{lineno}", rec, adapter)
     return col.items, col.errors

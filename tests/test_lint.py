@@ -130,6 +130,22 @@ def test_answer_before_the_end_and_wrong_answer():
     assert codes(lint_trajectory(trajectory(open_turns, options=[], answer="a cup"), 1)) == ["wrong_answer"]
 
 
+def test_an_accepted_grounding_record_must_end_on_an_interval_that_reaches_its_accept_iou():
+    def grounding(answer, **extra):
+        turns = replace_turn(4, f"<think>There.</think><answer>{answer}</answer>")
+        fields = dict(task="grounding", options=[], answer=None, targets=[[200.0, 204.0]], accept_iou=0.5)
+        return trajectory(turns, **{**fields, **extra})
+
+    assert lint_trajectory(grounding("[200, 203]"), 1) == []                  # IoU 3/4
+    low = lint_trajectory(grounding("[200, 210]"), 1)                           # IoU 4/10
+    assert codes(low) == ["wrong_answer"] and "IoU 0.400 < accept_iou 0.5" in low[0].detail
+    assert lint_trajectory(grounding("[200, 210]", accepted=False), 1) == []   # rejected: allowed to miss
+    assert lint_trajectory(grounding("[200, 210]", accept_iou=0.4), 1) == []
+    assert "not a usable interval (reversed_interval)" in lint_trajectory(grounding("[204, 200]"), 1)[0].detail
+    assert "not a usable interval" in lint_trajectory(grounding("[390, 400.2]"), 1)[0].detail   # past 400 s
+    assert "no usable 'targets'" in lint_trajectory(grounding("[200, 203]", accept_iou=None), 1)[0].detail
+
+
 def test_hint_text_or_marker_anywhere_is_a_leak():
     leak = replace_turn(4, f"<think>{HINT} So keys.</think><answer>C</answer>")
     issues = lint_trajectory(trajectory(leak), 2)

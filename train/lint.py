@@ -9,7 +9,8 @@ one that `ask` would have accepted. On top of that, whole-conversation rules:
   right after the last user message, so there two user messages follow each other;
 - ``video_qa`` on a leaf only after a ``get_caption`` of that leaf in an earlier turn;
 - the last assistant turn is an answer, and no answer comes before it;
-- an accepted record's final answer is right (`lvr.infer.protocol.answer_matches`);
+- an accepted record's final answer is right (`lvr.infer.protocol.answer_matches`; for a grounding
+  record, an interval whose IoU with its best target reaches the record's `accept_iou`);
 - no hint text, nor the hint marker, anywhere in the messages (hints must never
   reach SFT data).
 
@@ -39,7 +40,8 @@ from typing import IO, Iterable
 from ..infer.benchmarks import EvalFormatError
 from ..infer.profiles import LONGVIDEO_R1_PROFILE, PROFILES, Profile
 from ..prep.records import RecordFileError, RecordSkip, json_records, read_text
-from ..infer.protocol import Breach, ParsedTurn, answer_matches, correction, extract_choice, format_id, parse_turn
+from ..infer.protocol import (GROUNDING, Breach, ParsedTurn, answer_limit, answer_matches, correction, extract_choice,
+                              format_id, parse_interval, parse_turn)
 from .hints import HINT_PREFIX
 from .released_data import sft_layout, sft_messages
 
@@ -323,7 +325,12 @@ def lint_trajectory(rec: dict, line: int) -> list[LintIssue]:
         add(NO_ANSWER, "the last assistant turn has no <answer>", len(assistant))
 
     # An accepted record must end on the right answer, judged as synthesis judges it.
-    if (rec.get("accepted") is True and last_parsed is not None and last_parsed.answer is not None
+    if rec.get("task") == GROUNDING:
+        if rec.get("accepted") is True and last_parsed is not None and last_parsed.answer is not None:
+            wrong = _wrong_interval(rec, last_parsed.answer)
+            if wrong:
+                add(WRONG_ANSWER, wrong, len(assistant))
+    elif (rec.get("accepted") is True and last_parsed is not None and last_parsed.answer is not None
             and isinstance(rec.get("answer"), str)):
         options = [str(o) for o in rec.get("options") or []] if isinstance(rec.get("options"), list) else []
         choice = extract_choice(last_parsed.answer, options) if options else None
@@ -332,6 +339,27 @@ def lint_trajectory(rec: dict, line: int) -> list[LintIssue]:
             add(WRONG_ANSWER, f"accepted, but the final answer {_short(last_parsed.answer, 40)!r} {picked}, "
                               f"not {_short(rec['answer'], 40)!r}", len(assistant))
     return issues
+
+
+def _wrong_interval(rec: dict, answer: str) -> str | None:
+    """Why an accepted grounding record's final answer is not right: not an interval of the video, or
+    its IoU with the best target below the record's `accept_iou`; None when it is right."""
+    from ..infer.grounding import best_iou
+
+    duration = rec.get("duration")
+    got = parse_interval(answer, answer_limit(duration) if isinstance(duration, (int, float)) and duration > 0
+                         else None)
+    if isinstance(got, str):
+        return f"accepted, but the final answer {_short(answer, 40)!r} is not a usable interval ({got})"
+    try:
+        targets = [(float(s), float(e)) for s, e in rec.get("targets") or []]
+        threshold = float(rec.get("accept_iou"))
+        iou = best_iou(got, targets)
+    except (TypeError, ValueError):
+        return "accepted, but the record has no usable 'targets' and 'accept_iou' to judge its interval by"
+    if iou < threshold:
+        return f"accepted, but the final answer {_short(answer, 40)!r} has IoU {iou:.3f} < accept_iou {threshold:g}"
+    return None
 
 
 def lint_released_sample(rec, line: int, index: int) -> tuple[list[LintIssue], bool]:

@@ -30,14 +30,13 @@ at all raises `QAFormatError`. The files and fields are read with the toolkit
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from ..infer.benchmarks import NATIVE_SCHEMA as QUESTION_SCHEMA, EvalFormatError, QuestionItem
-from ..infer.grounding import GROUNDING_SCHEMA, GroundingItem, load_grounding_items
+from ..infer.grounding import GROUNDING_SCHEMA, GroundingItem, native_record
 from ..infer.protocol import GROUNDING, QA
 from ..prep.records import (STDIO, Collector, RecordSkip, answer_field, category_field, extra_field, interval_list, interval_pair,
                             json_records, options_field, parquet_records, read_text, sniff_format,
@@ -230,19 +229,10 @@ def clue_intervals(item: TrainingItem) -> tuple[tuple[float, float], ...]:
     return item.targets if isinstance(item, GroundingItem) else item.clues
 
 
-def _grounding(col: Collector, where: str, rec: dict) -> None:
-    """One ``lvr.grounding/1`` record, read by `load_grounding_items` (the one home of its fields)
-    and given its id by this file's collector, so ids stay unique across QA and grounding items."""
-    items, errors = load_grounding_items(STDIO, "native", stdin=io.StringIO(json.dumps(rec, default=str)))
-    if errors:
-        raise RecordSkip(errors[0].removeprefix(f"{STDIO}:1: "))
-    col.add(where, replace(items[0], qid=col.item_id(rec, ("id",), items[0].video)))
-
-
 def _native_or_grounding(col: Collector, where: str, rec: dict) -> None:
     """A native record read by its schema: ``lvr.grounding/1`` a grounding item, else a QA item."""
     if rec.get("schema") == GROUNDING_SCHEMA:
-        _grounding(col, where, rec)
+        native_record(col, where, rec)   # the one home of its fields; ids unique across both kinds
     else:
         _native(col, where, rec)
 
