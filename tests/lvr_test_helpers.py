@@ -241,6 +241,31 @@ def run_chromium(exe: str, profile: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
+def open_in_chromium(exe: str, page: Path, work: Path, *, screenshot: Path | None = None,
+                     window: str = "1280,1200") -> PageElements:
+    """Open a page offline in headless Chromium: its DOM after the page's own script ran, parsed, and,
+    with `screenshot`, a PNG of it taken at the same time (each run with its own profile under `work`)."""
+    url = page.as_uri()
+    browsers = [run_chromium(exe, work / "profile-dom", "--virtual-time-budget=3000", "--dump-dom", url)]
+    if screenshot is not None:
+        browsers.append(run_chromium(exe, work / "profile-shot", "--virtual-time-budget=3000",
+                                     f"--screenshot={screenshot}", f"--window-size={window}", url))
+    try:
+        outputs = [b.communicate(timeout=60) for b in browsers]
+    finally:
+        for browser in browsers:
+            if browser.poll() is None:
+                browser.kill()
+                browser.wait()
+    for browser, (_, err) in zip(browsers, outputs):
+        assert browser.returncode == 0, err.decode("utf-8", "replace")[-2000:]
+    if screenshot is not None:
+        assert screenshot.is_file(), outputs[1][1].decode("utf-8", "replace")[-2000:]
+    dom = outputs[0][0].decode("utf-8", "replace")
+    assert "<body" in dom, outputs[0][1].decode("utf-8", "replace")[-2000:]
+    return parse_page(dom)
+
+
 # -- `transformers serve` -------------------------------------------------------------------
 
 SERVE_START_TIMEOUT_S = 90

@@ -15,7 +15,7 @@ from fake_openai import FakeOpenAI
 from lvr.infer.protocol import Breach, correction, tool_result_message
 from lvr_test_helpers import ASK_SCRIPT as SCRIPT
 from lvr_test_helpers import ASK_SECRET as SECRET
-from lvr_test_helpers import (QA_REPLY, caption_text, chromium_or_skip, model_flags, parse_page, run_chromium,
+from lvr_test_helpers import (QA_REPLY, caption_text, chromium_or_skip, model_flags, open_in_chromium,
                               run_lvr, scripted, tree_boxes)
 
 
@@ -237,16 +237,7 @@ def test_ask_html_page_in_headless_chromium(clip, tmp_path):
         proc = run_lvr("ask", clip, "What is the person holding?", *model_flags(server.url),
                        "--cache-dir", tmp_path / "cache", "--html", tmp_path / "t.html", "-q")
     assert proc.returncode == 0, proc.stderr
-    browser = run_chromium(exe, tmp_path / "profile", "--virtual-time-budget=3000", "--dump-dom",
-                           (tmp_path / "t.html").as_uri())
-    try:
-        dom, err = browser.communicate(timeout=60)
-    finally:
-        if browser.poll() is None:
-            browser.kill()
-            browser.wait()
-    assert browser.returncode == 0, err.decode("utf-8", "replace")[-2000:]
-    page = parse_page(dom.decode("utf-8", "replace"))
+    page = open_in_chromium(exe, tmp_path / "t.html", tmp_path)
     assert next(a for t, a in page.tags if t == "body").get("data-ready") == "1"
     boxes = tree_boxes(page)
     assert len(boxes) == 84

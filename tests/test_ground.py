@@ -17,7 +17,7 @@ from lvr.infer.profiles import LVR_PROFILE
 from lvr.infer.protocol import Breach, answer_limit, format_interval, interval_correction
 from lvr.prep.clips import write_span_clip
 from lvr.prep.probe import VideoError, probe_video
-from lvr_test_helpers import caption_text, chromium_or_skip, parse_page, run_chromium, run_lvr
+from lvr_test_helpers import caption_text, chromium_or_skip, open_in_chromium, run_lvr
 from synthetic_media import ffmpeg, frame_number_filter, make_frame_number_video, read_frame_number
 
 FPS = 10
@@ -115,20 +115,7 @@ def test_ground_html_page_in_headless_chromium(grounded):
     proc, out, _ = grounded
     assert proc.returncode == 0, proc.stderr
     shot = out / "page.png"
-    dom_proc = run_chromium(exe, out / "profile-dom", "--virtual-time-budget=3000", "--dump-dom",
-                            (out / "t.html").as_uri())
-    shot_proc = run_chromium(exe, out / "profile-shot", "--virtual-time-budget=3000", f"--screenshot={shot}",
-                             "--window-size=1280,1200", (out / "t.html").as_uri())
-    try:
-        dom, dom_err = dom_proc.communicate(timeout=60)
-        _, shot_err = shot_proc.communicate(timeout=60)
-    finally:
-        for browser in (dom_proc, shot_proc):
-            if browser.poll() is None:
-                browser.kill()
-                browser.wait()
-    assert dom_proc.returncode == 0, dom_err.decode("utf-8", "replace")[-2000:]
-    page = parse_page(dom.decode("utf-8", "replace"))
+    page = open_in_chromium(exe, out / "t.html", out, screenshot=shot)
     assert next(a for t, a in page.tags if t == "body").get("data-ready") == "1"
     (band,) = [a for t, a in page.tags if a.get("id") == "span-predicted"]
     assert band["class"] == "span predicted" and (band["data-start"], band["data-end"]) == ("4.0", "7.5")
@@ -137,7 +124,6 @@ def test_ground_html_page_in_headless_chromium(grounded):
     assert not [a for t, a in page.tags if "target" in a.get("class", "").split()]
 
     # Drawn: the band's pixels span 4/12 .. 7.5/12 of the timeline's width (the high row's pixels).
-    assert shot_proc.returncode == 0 and shot.is_file(), shot_err.decode("utf-8", "replace")[-2000:]
     with Image.open(shot) as im:
         rgb = im.convert("RGB")
     x0, x1 = colour_extent(rgb, HIGH)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,8 @@ import pytest
 from fake_openai import FakeOpenAI
 from lvr.train import question_prompts as qp
 from lvr_test_helpers import run_lvr
-from test_questions import COLOURS, NONSPECIFIC, TWIN_A, TWIN_B, WORD_LIST, World, captioner, fid, load
+from test_questions import (COLOURS, NONSPECIFIC, TWIN_A, TWIN_B, WORD_LIST, World, captioner, fid, load,
+                            segment_and_caption)
 
 ADJ_A, ADJ_B = (2, 4, 4), (3, 1, 1)      # adjacent in time, near-duplicate captions
 LOOKALIKES = {TWIN_A: TWIN_B, TWIN_B: TWIN_A, ADJ_A: ADJ_B, ADJ_B: ADJ_A}
@@ -99,19 +99,8 @@ class LLM:
 def captioned(numbered_video, tmp_path_factory):
     """videos/numbers.mp4 segmented and captioned: (root, captions file, world)."""
     root = tmp_path_factory.mktemp("grounding_questions")
-    (root / "videos").mkdir()
-    video = root / "videos" / "numbers.mp4"
-    shutil.copy(numbered_video, video)
-    cache = root / "cache"
-    proc = run_lvr("segment", video, "-o", root / "nodes.jsonl", "--cache-dir", cache, "-q")
-    assert proc.returncode == 0, proc.stderr
-    world = GroundingWorld(load(root / "nodes.jsonl"))
-    assert len(world.leaves) == 64
-    with FakeOpenAI(lambda body: captioner(world, body), models=("captioner",)) as server:
-        proc = run_lvr("caption", root / "nodes.jsonl", "--model", "captioner", "--base-url", server.url,
-                       "--cache-dir", cache, "-o", root / "captions.jsonl", "-q")
-    assert proc.returncode == 0, proc.stderr
-    return root, root / "captions.jsonl", world
+    captions, _, world = segment_and_caption(numbered_video, root, GroundingWorld)
+    return root, captions, world
 
 
 def grounding(url: str, captions: Path, out: Path, *extra):

@@ -190,23 +190,29 @@ class LLM:
 
 # -- fixtures ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def captioned(numbered_video, tmp_path_factory):
-    """videos/numbers.mp4 segmented and captioned: (root, captions file, cache, world)."""
-    root = tmp_path_factory.mktemp("questions")
+def segment_and_caption(numbered_video: Path, root: Path, make_world=World):
+    """videos/numbers.mp4 under `root`, segmented by `lvr segment` and captioned by the scripted
+    captioner: (captions file, cache, world)."""
     (root / "videos").mkdir()
     video = root / "videos" / "numbers.mp4"
     shutil.copy(numbered_video, video)
     cache = root / "cache"
     proc = run_lvr("segment", video, "-o", root / "nodes.jsonl", "--cache-dir", cache, "-q")
     assert proc.returncode == 0, proc.stderr
-    world = World(load(root / "nodes.jsonl"))
+    world = make_world(load(root / "nodes.jsonl"))
     assert len(world.leaves) == 64
     with FakeOpenAI(lambda body: captioner(world, body), models=("captioner",)) as server:
         proc = run_lvr("caption", root / "nodes.jsonl", "--model", "captioner", "--base-url", server.url,
                        "--cache-dir", cache, "-o", root / "captions.jsonl", "-q")
     assert proc.returncode == 0, proc.stderr
-    return root, root / "captions.jsonl", cache, world
+    return root / "captions.jsonl", cache, world
+
+
+@pytest.fixture(scope="module")
+def captioned(numbered_video, tmp_path_factory):
+    """videos/numbers.mp4 segmented and captioned: (root, captions file, cache, world)."""
+    root = tmp_path_factory.mktemp("questions")
+    return (root, *segment_and_caption(numbered_video, root))
 
 
 def questions(url: str, captions: Path, out: Path, *extra, **kw) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lvr.infer.trace_html import render_trace_html, write_trace_html
 from lvr.prep.frames import FrameStore, frame_key
-from lvr_test_helpers import PageElements, chromium_or_skip, parse_page, run_chromium, tree_boxes
+from lvr_test_helpers import PageElements, chromium_or_skip, open_in_chromium, parse_page, tree_boxes
 
 VID = "0123456789abcdef"
 K = 2
@@ -259,25 +259,8 @@ def test_page_in_headless_chromium(store, tmp_path):
     exe = chromium_or_skip()
     page_path = tmp_path / "trace.html"
     write_trace_html(page_path, make_trace(), store)
-    url = page_path.as_uri()
     shot = tmp_path / "trace.png"
-
-    # Both runs at once; each has its own profile.
-    dom_proc = run_chromium(exe, tmp_path / "profile-dom", "--virtual-time-budget=3000", "--dump-dom", url)
-    shot_proc = run_chromium(exe, tmp_path / "profile-shot", "--virtual-time-budget=3000",
-                             f"--screenshot={shot}", "--window-size=1280,2000", url)
-    try:
-        dom, dom_err = dom_proc.communicate(timeout=60)
-        _, shot_err = shot_proc.communicate(timeout=60)
-    finally:
-        for proc in (dom_proc, shot_proc):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    dom = dom.decode("utf-8", "replace")
-    assert dom_proc.returncode == 0 and "<body" in dom, dom_err.decode("utf-8", "replace")[-2000:]
-
-    p = parse_page(dom)
+    p = open_in_chromium(exe, page_path, tmp_path, screenshot=shot, window="1280,2000")
     html_attrs = next(a for t, a in p.tags if t == "html")
     body = next(a for t, a in p.tags if t == "body")
     assert body.get("data-ready") == "1", "the page's own script did not run"
@@ -287,7 +270,6 @@ def test_page_in_headless_chromium(store, tmp_path):
     assert not any(k.startswith("on") for _, a in p.tags for k in a)
     check_tree(p)
 
-    assert shot_proc.returncode == 0 and shot.is_file(), shot_err.decode("utf-8", "replace")[-2000:]
     with Image.open(shot) as im:
         rgb = im.convert("RGB")
     assert rgb.size == (1280, 2000)

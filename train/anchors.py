@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..prep.tree import NodeId
 from .lexicon import VideoIndex
@@ -45,6 +45,22 @@ def single_anchor_slots(index: VideoIndex, seed: int) -> list[tuple[NodeId, ...]
     return [(leaf,) for leaf in leaves]
 
 
+def _distinct_draws(index: VideoIndex, count: int, draw: Callable[[], tuple[NodeId, ...]]) -> list[tuple[NodeId, ...]]:
+    """Up to `count` draws from one seeded stream (`draw`), skipping any that repeats an earlier one or
+    holds two look-alikes: slot n does not depend on `count`. At most 50 draws per wanted slot."""
+    slots: list[tuple[NodeId, ...]] = []
+    seen: set[tuple[NodeId, ...]] = set()
+    for _ in range(count * 50):
+        if len(slots) >= count:
+            break
+        key = draw()
+        if key in seen or any(index.lookalike(a, b) is not None for a in key for b in key if a < b):
+            continue
+        seen.add(key)
+        slots.append(key)
+    return slots
+
+
 def multi_anchor_slots(index: VideoIndex, seed: int, count: int, min_anchors: int = 2,
                        max_anchors: int = 3) -> list[tuple[NodeId, ...]]:
     """Up to `count` seeded anchor sets of 2-3 leaves under different medium nodes.
@@ -60,20 +76,12 @@ def multi_anchor_slots(index: VideoIndex, seed: int, count: int, min_anchors: in
     top = min(max_anchors, len(mediums))
     if top < min_anchors:
         return []
-    slots: list[tuple[NodeId, ...]] = []
-    seen: set[tuple[NodeId, ...]] = set()
-    for _ in range(count * 50):
-        if len(slots) >= count:
-            break
+
+    def draw() -> tuple[NodeId, ...]:
         n = rng.randint(min_anchors, top)
-        chosen = sorted(rng.choice(by_medium[m]) for m in rng.sample(mediums, n))
-        if any(index.lookalike(a, b) is not None for a in chosen for b in chosen if a < b):
-            continue
-        key = tuple(chosen)
-        if key not in seen:
-            seen.add(key)
-            slots.append(key)
-    return slots
+        return tuple(sorted(rng.choice(by_medium[m]) for m in rng.sample(mediums, n)))
+
+    return _distinct_draws(index, count, draw)
 
 
 def span_anchor_slots(index: VideoIndex, seed: int, count: int, min_leaves: int = 2,
@@ -88,19 +96,13 @@ def span_anchor_slots(index: VideoIndex, seed: int, count: int, min_leaves: int 
     top = min(max_leaves, len(leaves))
     if top < min_leaves:
         return []
-    slots: list[tuple[NodeId, ...]] = []
-    seen: set[tuple[NodeId, ...]] = set()
-    for _ in range(count * 50):
-        if len(slots) >= count:
-            break
+
+    def draw() -> tuple[NodeId, ...]:
         n = rng.randint(min_leaves, top)
         first = rng.randrange(len(leaves) - n + 1)
-        span = tuple(leaves[first:first + n])
-        if span in seen or any(index.lookalike(a, b) is not None for a in span for b in span if a < b):
-            continue
-        seen.add(span)
-        slots.append(span)
-    return slots
+        return tuple(leaves[first:first + n])
+
+    return _distinct_draws(index, count, draw)
 
 
 def distractor_leaves(slot: Slot, seed: int, count: int) -> list[NodeId]:
