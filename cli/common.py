@@ -142,7 +142,7 @@ ConfigOption = typer.Option(
 )
 
 OUTPUT_HELP = ("Where the output goes: records (JSONL, appended; a rerun skips finished work; default: stdout), "
-               "the answer record for ask, the checkpoint folder for sft, dpo and rl.")
+               "the answer record for ask and ground, the checkpoint folder for sft, dpo and rl.")
 OutputOption = typer.Option(None, "-o", "--output", metavar="FILE", help=OUTPUT_HELP)
 RequiredOutputOption = typer.Option(..., "-o", "--output", metavar="DIR", help=OUTPUT_HELP)
 
