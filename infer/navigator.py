@@ -268,7 +268,7 @@ class Navigator:
 
         With --captions the video's caption file is imported here too (ValueError naming it)."""
         options = options or self.segment_options
-        key = (os.path.realpath(video), options.tree.frame_sampling)
+        key = (os.path.realpath(video), options.tree.frame_sampling, options.transcription is not None)
         lock = self._tree_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if key in self._trees:
@@ -292,8 +292,16 @@ class Navigator:
         captioner = self.captioner(subtitles)
         if not all(captioner.cached(exact_twin(n)) is not None for n in high):
             return nodes, 0.0
-        exact = replace(self.segment_options, tree=replace(self.segment_options.tree, frame_sampling="exact"))
+        base = self._segment_options(subtitles)
+        exact = replace(base, tree=replace(base.tree, frame_sampling="exact"))
         return await self._timed_tree(video, options=exact)
+
+    def _segment_options(self, subtitles: bool) -> SegmentOptions:
+        """A question asked without subtitles is never shown a transcript, so its tree is planned
+        without one (nothing is transcribed for it)."""
+        if subtitles or self.segment_options.transcription is None:
+            return self.segment_options
+        return replace(self.segment_options, transcription=None)
 
     # -- questions ------------------------------------------------------------------------
 
@@ -323,7 +331,8 @@ class Navigator:
         strategy = GROUND_THEN_ANSWER if grounds else NAVIGATE
         try:
             if nodes is None:
-                nodes, segment_seconds = await self._timed_tree(video, callbacks.on_probe)
+                nodes, segment_seconds = await self._timed_tree(video, callbacks.on_probe,
+                                                                self._segment_options(subtitles))
                 nodes, more = await self._already_captioned(video, nodes, subtitles)
                 segment_seconds += more
             env = VideoEnv(nodes, self.captioner(subtitles), self.video_qa(), self.profile)

@@ -187,3 +187,33 @@ def test_ask_takes_the_transcribe_flags(talk_video, tmp_path):
     proc = run_lvr("ask", talk_video, "What is cooked?", "--cache-dir", tmp_path / "cache", "--model", "m",
                    "--base-url", "http://127.0.0.1:9/v1", "--transcribe")
     assert proc.returncode == 2 and "--transcribe-model" in proc.stderr
+
+
+def test_eval_without_subtitles_transcribes_nothing(talk_video, tmp_path):
+    """A question asked without subtitles is never shown a transcript: --transcribe costs it nothing."""
+    import json
+
+    shutil.copy(talk_video, tmp_path / "talk.mp4")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"schema": "lvr.question/1", "id": "q1", "video": "talk.mp4",
+                                     "question": "What is cooked?", "options": ["A. pasta", "B. rice"],
+                                     "answer": "A"}) + "\n")
+
+    def reply(body: dict) -> str:
+        return caption_reply(body) if body["model"] == "captioner" else "<think>Pasta.</think><answer>A</answer>"
+
+    def run(subtitles: str):
+        return run_lvr("eval", questions, "--model", "nav", "--base-url", server.url, "--caption-model", "captioner",
+                       "--cache-dir", tmp_path / "cache", "-o", tmp_path / f"{subtitles}.jsonl", *SMALL_TREE,
+                       *transcribe_flags(server), f"--{subtitles}")
+
+    with FakeOpenAI(reply=reply, transcribe=heard, models=("nav", "captioner", WHISPER)) as server:
+        proc = run("no-subtitles")
+        assert proc.returncode == 0, proc.stderr
+        assert server.transcriptions == []
+        [record] = load_jsonl(tmp_path / "no-subtitles.jsonl")
+        assert record["correct"] is True and record["settings"]["subtitles"] is False
+        # The same question with subtitles on: the video has none, so its speech is transcribed.
+        proc = run("subtitles")
+        assert proc.returncode == 0, proc.stderr
+        assert len(server.transcriptions) >= 1
