@@ -139,7 +139,9 @@ class VideoEnv:
         """
         ids = [(h,) for h in range(1, self.k + 1)]
         frames = self.captioner.frames
-        todo = {i for i in ids if self.node(i).get(LAZY_FRAMES) and self.captioner.cached(self.node(i)) is None}
+        # A captioner that reads captions from files needs no frames: a node its file lacks fails unread.
+        todo = {i for i in ids if self.node(i).get(LAZY_FRAMES) and self.captioner.cached(self.node(i)) is None
+                and not self.captioner.reads_files}
         if todo and self.on_plan is not None:
             self.on_plan(sum(1 for i in todo for key in self.node(i).get("frame_keys") or [] if not frames.has(key)))
         tasks: list[asyncio.Task] = []

@@ -266,6 +266,8 @@ class Captioner:
     same node make one request.
     """
 
+    reads_files = False   # True for a captioner that only reads captions from files: it needs no frames
+
     def __init__(self, model: ChatModel, store: CaptionStore, frames: FrameStore,
                  options: CaptionOptions = CaptionOptions(), system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                  layout: CaptionLayout = CAPTION_LAYOUT):

@@ -622,6 +622,8 @@ class ReleasedCaptioner(Captioner):
     no caption for is a CaptionError naming the node and the file.
     """
 
+    reads_files = True
+
     def __init__(self, folder: "str | os.PathLike", store: CaptionStore, frames: FrameStore):
         self.folder = Path(folder)
         if not self.folder.is_dir():

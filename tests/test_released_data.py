@@ -466,14 +466,15 @@ def navigator_with_qa(body: dict) -> str:
 
 @pytest.fixture(scope="module")
 def released(numbered_video, tmp_path_factory) -> dict:
-    """Videos (numbers.mp4, and copies gappy.mp4, wide.mp4 and nofile.mp4 of it), a caption folder with
-    a whole tree for numbers, one lacking medium node (2, 3) for gappy, one of width 5 for wide (the
-    video's K is 4) and none for nofile, and flat LVBench files asking two questions about each."""
+    """Videos (numbers.mp4, and copies gappy.mp4, wide.mp4, nofile.mp4 and nohigh.mp4 of it), a caption
+    folder with a whole tree for numbers, one lacking medium node (2, 3) for gappy, one of width 5 for
+    wide (the video's K is 4), none for nofile and one lacking high node (2,) for nohigh, and flat
+    LVBench files asking two questions about each."""
     root = tmp_path_factory.mktemp("released-captions")
     videos, captions = root / "videos", root / "captions"
     videos.mkdir()
     captions.mkdir()
-    for name in ("numbers", "gappy", "wide", "nofile"):
+    for name in ("numbers", "gappy", "wide", "nofile", "nohigh"):
         shutil.copy(numbered_video, videos / f"{name}.mp4")
     nodes_file = root / "nodes.jsonl"
     assert run_lvr("segment", videos / "numbers.mp4", "-o", nodes_file, "--cache-dir", root / "seg-cache",
@@ -484,6 +485,9 @@ def released(numbered_video, tmp_path_factory) -> dict:
     gappy["captions"][1] = [e for e in gappy["captions"][1] if e["segment_id"] != 7]   # (2, 3) with K = 4
     (captions / "gappy.json").write_text(json.dumps(gappy))
     (captions / "wide.json").write_text(json.dumps({**caption_tree(nodes, "wide.mp4"), "width": 5}))
+    nohigh = caption_tree(nodes, "nohigh.mp4")
+    nohigh["captions"][0] = [e for e in nohigh["captions"][0] if e["segment_id"] != 2]   # high (2,)
+    (captions / "nohigh.json").write_text(json.dumps(nohigh))
 
     def flat(*names: str) -> Path:
         entries = [{"key": name, "uid": f"{name}-{n}", "question": f"Q{n}: which?\n(A) odd\n(B) even", "answer": "A"}
@@ -524,6 +528,16 @@ def test_eval_takes_every_caption_from_the_folder_with_no_captioner(released, tm
     captions = {tuple(n["id"]): n["caption"] for n in trace["tree"] if n["caption"]}
     assert captions[(2, 3)] == "Released caption of medium clip (2, 3)."
     assert captions[(1,)] == "Released caption of high clip (1,)."
+
+
+def test_a_high_node_the_file_lacks_fails_before_any_frame_is_decoded(released, tmp_path):
+    out = tmp_path / "results.jsonl"
+    proc, requests = eval_with_captions(released, released["flat"]("nohigh"), out, navigator)
+    assert proc.returncode == 1 and requests == []
+    captions = released["captions"]
+    assert (f"lvr eval: error: nohigh-1: {released['videos'] / 'nohigh.mp4'} node (2,) (high level), caption: "
+            f"no caption for it in {captions / 'nohigh.json'} (segment_id 2 of the high list)" in proc.stderr)
+    assert not [p for p in (tmp_path / "cache").rglob("*.jpg")]   # the captions are read, never made
 
 
 def test_a_missing_node_or_file_fails_its_question_named(released, tmp_path):
