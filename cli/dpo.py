@@ -11,12 +11,13 @@ from ..train.dpo import DpoSettings
 from ..train.vlm_dpo import VlmDpoOptions, text_only_flags
 from .common import (CacheDirOption, ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, fail_usage,
                      run_trainer, say)
-from .model_options import TRAINING_SEED
+from .model_options import LAUNCH, TRAINING_SEED, launching
 from .options import Group, takes
 
 
 
-@takes(training=Group(DpoSettings, build=dict), vlm=Group(VlmDpoOptions, build=dict), sampling=TRAINING_SEED)
+@takes(training=Group(DpoSettings, build=dict), vlm=Group(VlmDpoOptions, build=dict), sampling=TRAINING_SEED,
+       launch=LAUNCH)
 def dpo_command(
     pairs: str = typer.Argument(..., metavar="PAIRS",
                                 help="Preference pairs JSONL ({\"prompt\": [...], \"chosen\": [...], \"rejected\": "
@@ -27,7 +28,7 @@ def dpo_command(
     dry_run: bool = DryRunOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    training=None, vlm=None, sampling=None,
+    training=None, vlm=None, sampling=None, launch=None,
 ) -> None:
     """Preference-train a navigator (DPO) on turn-level pairs: full weights or LoRA.
 
@@ -44,8 +45,10 @@ def dpo_command(
     front, so training keeps no reference copy and runs about half the forward
     passes. DIR loads straight into `lvr ask --backend transformers --model DIR`;
     DIR/lvr_dpo.json records the settings and the loss and reward-margin curve.
-    Several GPUs or nodes: run it under `accelerate launch` with a config from
-    configs/accelerate/.
+    Several GPUs: --num-processes N (data parallel), or --accelerate-config with a
+    config from configs/accelerate/ (DeepSpeed ZeRO-3, FSDP, several nodes); the
+    command starts `accelerate launch` itself. Running it under `accelerate launch
+    -m lvr.cli dpo` works too.
 
     Exit status: 0 trained and saved, 2 usage error (pairs, model, settings).
 
@@ -57,7 +60,7 @@ def dpo_command(
 
       lvr dpo pairs.jsonl --config configs/dpo_qwen3_8b.yaml -o navigator-dpo --beta 0.2
 
-      accelerate launch --config_file configs/accelerate/zero3.yaml -m lvr.cli dpo pairs.jsonl --config configs/dpo_qwen3_8b.yaml -o navigator-dpo
+      lvr dpo pairs.jsonl --config configs/dpo_qwen3_8b.yaml --accelerate-config configs/accelerate/zero3.yaml -o navigator-dpo
 
       lvr dpo pairs.jsonl --model navigator-sft --lora --lora-r 32 -o navigator-dpo-lora
 
@@ -74,9 +77,11 @@ def dpo_command(
       lvr dpo --vlm vpo-stage1.jsonl --model Qwen/Qwen2.5-VL-7B-Instruct --cache-dir cache -o vlm-vpo1
 
       lvr dpo --vlm vpo-stage2.jsonl --model vlm-vpo1 --cache-dir cache --lora -o vlm-vpo2
+
+      lvr dpo --vlm vpo-stage1.jsonl --model Qwen/Qwen2.5-VL-7B-Instruct --cache-dir cache --num-processes 8 -o vlm-vpo1
     """
     if vlm["vlm"]:
-        _vlm_dpo(pairs, output, cache_dir, dry_run, quiet, training, vlm, sampling)
+        _vlm_dpo(pairs, output, cache_dir, dry_run, quiet, training, vlm, sampling, launch)
     misplaced = text_only_flags(vlm)
     if misplaced:
         raise fail_usage(f"{', '.join(misplaced)} only appl{'ies' if len(misplaced) == 1 else 'y'} with --vlm")
@@ -87,13 +92,14 @@ def dpo_command(
         return {"format": loaded.format, "records": loaded.records, "pairs": len(loaded.samples),
                 "identical_left_out": loaded.identical, "sources": dict(loaded.sources)}
 
-    run_trainer(lambda: DpoSettings(data=pairs, output=str(output), seed=sampling.seed, **training),
+    run_trainer(launching(lambda: DpoSettings(data=pairs, output=str(output), seed=sampling.seed, **training),
+                          launch, dry_run=dry_run),
                 dry_run=dry_run, data_summary=data_summary,
                 train=lambda settings: run_dpo(settings, log=None if quiet else say), summary=summary_line)
 
 
 def _vlm_dpo(pairs: str, output: Path, cache_dir: Optional[Path], dry_run: bool, quiet: bool, training: dict,
-             vlm: dict, sampling) -> None:
+             vlm: dict, sampling, launch) -> None:
     """`lvr dpo --vlm`: the same run through the vision-language trainer."""
     from ..train.vlm_dpo import VlmDpoSettings, load_triples, run_vlm_dpo, summary_line
 
@@ -103,7 +109,8 @@ def _vlm_dpo(pairs: str, output: Path, cache_dir: Optional[Path], dry_run: bool,
                 "identical_left_out": loaded.identical, "stages": {str(k): v for k, v in loaded.stages.items()},
                 "max_images_per_input": loaded.images}
 
-    run_trainer(lambda: VlmDpoSettings(data=pairs, output=str(output), seed=sampling.seed,
-                                       cache_dir=str(cache_dir) if cache_dir else None, **training, **vlm),
+    run_trainer(launching(lambda: VlmDpoSettings(data=pairs, output=str(output), seed=sampling.seed,
+                                                 cache_dir=str(cache_dir) if cache_dir else None, **training, **vlm),
+                          launch, dry_run=dry_run),
                 dry_run=dry_run, data_summary=data_summary,
                 train=lambda settings: run_vlm_dpo(settings, log=None if quiet else say), summary=summary_line)

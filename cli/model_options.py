@@ -15,6 +15,7 @@ from ..infer.navigator import CaptionFiles
 from ..prep.models import ConnectionOptions, RoleOptions, SamplingOptions
 from ..prep.transcribe import TranscribeOptions, TranscribeSwitch
 from ..prep.tree import TreeOptions
+from ..train.launch import LaunchSettings
 from .options import Bundle, Group
 
 MAIN_PANEL = "Reasoning model"
@@ -132,3 +133,40 @@ def rl_navigator_options(roles: tuple, *, model: str, max_turns: int, max_invali
 
 # The trainers' --seed is the one --seed, with the training default.
 TRAINING_SEED = Group(SamplingOptions, only=("seed",), defaults={"seed": 42}, panel="Training")
+
+# --num-processes and --accelerate-config: sft, dpo and rl start `accelerate launch` themselves.
+LAUNCH = Group(LaunchSettings)
+
+
+def launching(make_settings, launch: LaunchSettings, *, dry_run: bool):
+    """`make_settings` for run_trainer (cli/common.py) that, once the settings are built and checked, runs
+    the command again under `accelerate launch` when --num-processes or --accelerate-config ask for it and
+    exits with the launcher's status; so a bad setting is told once, before any process starts. Never
+    with --dry-run, nor inside a launched process (train/launch.py)."""
+    import sys
+
+    import typer
+    from typer._click.globals import get_current_context  # typer vendors click
+
+    from ..train.launch import relaunch_if_asked
+    from .common import command_path, say
+
+    def make():
+        settings = make_settings()
+        settings.check()
+        if dry_run or not launch.wanted:
+            return settings
+        ctx = get_current_context()
+        args = sys.argv[1:]  # the user's own words, passed on as typed
+        if args[:1] != [ctx.info_name]:
+            raise ValueError(f"cannot launch processes: the command line does not start with {ctx.info_name!r} "
+                             f"(run `lvr {ctx.info_name} ...` or `python -m lvr.cli {ctx.info_name} ...`)")
+        valued = {name for p in ctx.command.params
+                  if p.param_type_name == "option" and not p.is_flag and not p.count
+                  for name in p.opts + p.secondary_opts}
+        status = relaunch_if_asked(launch, args, valued, log=lambda m: say(f"{command_path()}: {m}"))
+        if status is not None:
+            raise typer.Exit(status)
+        return settings
+
+    return make

@@ -12,7 +12,7 @@ from ..prep.models import SamplingOptions
 from ..train.rl import ROLLOUT_PANEL, RlSettings
 from .common import (CacheDirOption, ConfigOption, DryRunOption, FormatOption, NoSubtitlesOption, QuietOption,
                      RequiredOutputOption, VideoDirOption, fail_usage, run_trainer, say)
-from .model_options import RL_ROLES
+from .model_options import LAUNCH, RL_ROLES, launching
 from .options import Group, takes
 
 # Rollouts sample hotter than ask does; --seed is the one --seed, with the training default.
@@ -21,7 +21,7 @@ ROLLOUT_SAMPLING = Group(SamplingOptions, only=("max_tokens", "temperature", "se
 
 
 @takes(training=Group(RlSettings, build=dict), sampling=ROLLOUT_SAMPLING,
-       agent=Group(AgentOptions, only=("max_invalid",), panel=ROLLOUT_PANEL), roles=RL_ROLES)
+       agent=Group(AgentOptions, only=("max_invalid",), panel=ROLLOUT_PANEL), roles=RL_ROLES, launch=LAUNCH)
 def rl_command(
     qa: str = typer.Argument(..., metavar="QA.jsonl",
                              help="QA items, with clue intervals (or without: answer-only reward): native "
@@ -36,7 +36,7 @@ def rl_command(
     dry_run: bool = DryRunOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    training=None, sampling=None, agent=None, roles=None,
+    training=None, sampling=None, agent=None, roles=None, launch=None,
 ) -> None:
     """Train a navigator with multi-turn GRPO, through the same tools and protocol as `lvr ask`.
 
@@ -61,8 +61,11 @@ def rl_command(
     them with --caption-model (and give it an endpoint, --caption-base-url, to
     caption nodes not yet stored). Defaults follow LongVideo-R1: group 16, lr
     1e-6, KL coefficient 1e-4 (low-variance k3), temperature 1.0, 15 turns. DIR
-    loads into `lvr ask --backend transformers --model DIR`. Several GPUs or
-    nodes: run it under `accelerate launch` with a config from configs/accelerate/.
+    loads into `lvr ask --backend transformers --model DIR`. Several GPUs:
+    --num-processes N (data parallel), or --accelerate-config with a config from
+    configs/accelerate/ (DeepSpeed ZeRO-3, several nodes); the command starts
+    `accelerate launch` itself. Running it under `accelerate launch -m lvr.cli rl`
+    works too.
 
     Exit status: 0 trained and saved, 2 usage error (data, model, settings).
 
@@ -72,13 +75,13 @@ def rl_command(
 
       lvr rl cgbench.json --config configs/rl_qwen3_8b.yaml --video-dir cgbench/videos -o navigator-rl
 
-      accelerate launch --config_file configs/accelerate/zero3.yaml -m lvr.cli rl cgbench.json --config configs/rl_qwen3_8b.yaml -o navigator-rl
+      lvr rl cgbench.json --config configs/rl_qwen3_8b.yaml --accelerate-config configs/accelerate/zero3.yaml -o navigator-rl
 
       lvr rl qa.jsonl --config configs/rl_qwen3_8b.yaml --vllm colocate --kl-argument-scale 0.1 -o navigator-rl
 
       lvr rl qa_and_grounding.jsonl --model navigator-sft --caption-model M --kl-timestamp-scale 0.1 -o navigator-rl
 
-      CUDA_VISIBLE_DEVICES=0,1,2,3,4,5 accelerate launch --config_file configs/accelerate/zero3_offload_6gpu.yaml -m lvr.cli rl rl_data.parquet --config configs/rl_longvideo_r1.yaml -o navigator-rl
+      CUDA_VISIBLE_DEVICES=0,1,2,3,4,5 lvr rl rl_data.parquet --config configs/rl_longvideo_r1.yaml --accelerate-config configs/accelerate/zero3_offload_6gpu.yaml -o navigator-rl
 
       lvr rl qa.jsonl --model navigator-sft --caption-model M --max-steps 2 --rollout-log rollouts.jsonl --dry-run
 
@@ -86,7 +89,7 @@ def rl_command(
     """
     from ..prep.cache import resolve_cache_dir
     from ..train.rl import RlError, load_rl_data, run_rl, summary_line
-    from ..train.trainer_kit import world_size
+    from ..train.launch import planned_processes
     from .model_options import rl_navigator_options
 
     if not roles[0].model:
@@ -98,7 +101,8 @@ def rl_command(
                               format=format, subtitles=not no_subtitles, temperature=sampling.temperature,
                               max_tokens=sampling.max_tokens, seed=sampling.seed, max_invalid=agent.max_invalid,
                               **training)
-        return settings.for_processes(world_size())  # --dry-run shows the --grad-accum a step will use
+        # The processes it will train in (launched or not): --dry-run shows the --grad-accum a step will use.
+        return settings.for_processes(planned_processes(launch))
 
     def data_summary(settings) -> dict:
         data = load_rl_data(settings)
@@ -113,4 +117,5 @@ def rl_command(
             raise RlError(str(e)) from None
         return run_rl(settings, nav, resolve_cache_dir(cache_dir), log=None if quiet else say)
 
-    run_trainer(make_settings, dry_run=dry_run, data_summary=data_summary, train=train, summary=summary_line)
+    run_trainer(launching(make_settings, launch, dry_run=dry_run), dry_run=dry_run, data_summary=data_summary,
+                train=train, summary=summary_line)

@@ -9,12 +9,13 @@ import typer
 
 from ..train.sft import SftDataOptions, SftSettings
 from .common import ConfigOption, DryRunOption, QuietOption, RequiredOutputOption, run_trainer, say
-from .model_options import TRAINING_SEED
+from .model_options import LAUNCH, TRAINING_SEED, launching
 from .options import Group, takes
 
 
 
-@takes(training=Group(SftSettings, build=dict), sampling=TRAINING_SEED, data_options=Group(SftDataOptions))
+@takes(training=Group(SftSettings, build=dict), sampling=TRAINING_SEED, data_options=Group(SftDataOptions),
+       launch=LAUNCH)
 def sft_command(
     data: str = typer.Argument(..., metavar="DATA",
                                help="Training data: JSONL of TRL messages, TRL prompt/completion or lvr.trajectory/1 "
@@ -24,7 +25,7 @@ def sft_command(
     dry_run: bool = DryRunOption,
     quiet: bool = QuietOption,
     config: Optional[Path] = ConfigOption,
-    training=None, sampling=None, data_options=None,
+    training=None, sampling=None, data_options=None, launch=None,
 ) -> None:
     """Fine-tune a navigator on trajectories: full weights or LoRA, loss on assistant turns only.
 
@@ -43,8 +44,10 @@ def sft_command(
     Defaults follow LongVideo-R1: lr 1e-5, cosine schedule, warmup 0.1, 3 epochs,
     bf16 when the GPU has it, 24k-token cutoff. DIR loads straight into
     `lvr ask --backend transformers --model DIR`; DIR/lvr_sft.json records the
-    settings and the loss curve. Several GPUs or nodes: run it under
-    `accelerate launch` with a config from configs/accelerate/.
+    settings and the loss curve. Several GPUs: --num-processes N (data
+    parallel), or --accelerate-config with a config from configs/accelerate/
+    (DeepSpeed ZeRO-3, FSDP, several nodes); the command starts `accelerate
+    launch` itself. Running it under `accelerate launch -m lvr.cli sft` works too.
 
     Exit status: 0 trained and saved, 2 usage error (data, model, settings).
 
@@ -54,7 +57,9 @@ def sft_command(
 
       lvr sft trajectories.jsonl --config configs/sft_qwen3_8b.yaml -o navigator-sft --epochs 2
 
-      accelerate launch --config_file configs/accelerate/zero3.yaml -m lvr.cli sft trajectories.jsonl --config configs/sft_qwen3_8b.yaml -o navigator-sft
+      lvr sft trajectories.jsonl --config configs/sft_qwen3_8b.yaml --accelerate-config configs/accelerate/zero3.yaml -o navigator-sft
+
+      lvr sft trajectories.jsonl --model Qwen/Qwen3-1.7B --num-processes 4 -o navigator-sft
 
       lvr sft trajectories.jsonl --model Qwen/Qwen3-1.7B --lora --lora-r 32 -o navigator-lora
 
@@ -71,7 +76,8 @@ def sft_command(
         return {"format": loaded.format, "records": loaded.records, "samples": len(loaded.samples),
                 "skipped": loaded.skipped}
 
-    run_trainer(lambda: SftSettings(data=data, output=str(output), seed=sampling.seed,
-                                    mask_history=data_options.mask_history, **training),
+    run_trainer(launching(lambda: SftSettings(data=data, output=str(output), seed=sampling.seed,
+                                              mask_history=data_options.mask_history, **training),
+                          launch, dry_run=dry_run),
                 dry_run=dry_run, data_summary=data_summary,
                 train=lambda settings: run_sft(settings, log=None if quiet else say), summary=summary_line)
