@@ -32,6 +32,7 @@ from ..prep.progress import Reporter, shorten
 from ..prep.records import STDIO, read_text
 from .benchmarks import (EVAL_FORMATS, EvalFormatError, EvalItem, default_video_dir, load_eval_items,
                          resolve_item_video)
+from .ground_then_answer import NAVIGATE
 from .grounding import (GROUNDING_FORMATS, GroundingItem, TaskOptions, best_iou, grounding_format_of, item_bucket,
                         load_grounding_items, score_grounding)
 from .navigator import Asked, Navigator, NavigatorOptions, build_trace
@@ -259,7 +260,7 @@ def effort(records: list[dict]) -> dict:
                 tokens[role][key] += int(m.get(key) or 0)
     return {
         "stopped": dict(sorted(_count(r.get("stopped") for r in records).items())),
-        "strategies": dict(sorted(_count(r.get("strategy", "navigate") for r in records).items())),
+        "strategies": dict(sorted(_count(r.get("strategy", NAVIGATE) for r in records).items())),
         "mean_rounds": _mean(a.get("rounds", 0) for a in acc),
         "mean_caption_calls": _mean((a.get("caption_calls") or {}).get("total", 0) for a in acc),
         "mean_captions_made": _mean((a.get("caption_calls") or {}).get("made", 0) for a in acc),

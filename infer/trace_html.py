@@ -14,7 +14,7 @@ Stable hooks for tests and scripts:
   turn       <section class="turn" data-round="N">
   answer     <div id="answer">
   spans      <div class="span predicted" id="span-predicted" data-start="4" data-end="7.5">: a grounding
-             trace's answered interval on the timeline; <div class="span target" id="span-target-N">
+             trace's answered interval (or a ground-then-answer trace's grounded span) on the timeline; <div class="span target" id="span-target-N">
              for each target interval the trace carries ("targets": [[start, end], ...])
 """
 
@@ -31,6 +31,7 @@ from lvr.prep.frames import FrameStore
 from lvr.prep.lettering import split_label
 from lvr.prep.jsonl import write_atomic
 
+from .ground_then_answer import GROUND_THEN_ANSWER
 from .protocol import GROUNDING, format_interval
 
 LEVELS = ("high", "medium", "low")
@@ -359,8 +360,9 @@ def _interval(value: Any) -> tuple[float, float] | None:
 
 def _spans(trace: dict) -> list[tuple[str, str, float, float]]:
     """The intervals a grounding trace draws on the timeline: (kind, element id, start, end), the
-    answered one ("predicted") first, then each target the trace carries."""
-    if trace.get("task") != GROUNDING:
+    answered one ("predicted") first, then each target the trace carries. A question answered by
+    ground-then-answer draws the span its grounding stage found."""
+    if trace.get("task") != GROUNDING and trace.get("strategy") != GROUND_THEN_ANSWER:
         return []
     answer = trace.get("answer") if isinstance(trace.get("answer"), dict) else {}
     out = []

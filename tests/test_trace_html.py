@@ -238,6 +238,13 @@ def test_grounding_trace_draws_the_answered_and_target_spans():
     assert "onerror=span" not in page   # not a number: never drawn, not even as text
     check_tree(p)
 
+    # A question answered by ground-then-answer draws the span its grounding stage found.
+    trace.update(task="qa", strategy="ground-then-answer", targets=[],
+                 answer={"text": "B", "choice": "B", "interval": [25.0, 37.5]})
+    bands = [a for t, a in parse_page(render_trace_html(trace, None)).tags if "span" in a.get("class", "").split()]
+    assert [(a["id"], a["style"]) for a in bands] == [("span-predicted", "left:25.0000%;width:12.5000%")]
+    trace["strategy"] = "navigate"
+
     # Only a grounding trace draws spans, and only a usable interval.
     for task, interval in (("qa", [25.0, 37.5]), ("grounding", None), ("grounding", [EVIL_SPAN, 2]),
                            ("grounding", [30, 20]), ("grounding", [float("nan"), 2])):
