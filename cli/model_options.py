@@ -112,22 +112,22 @@ ASK_QUESTION_NAVIGATOR = Bundle(ASK_NAVIGATOR.groups + (ANSWERING,), build=navig
 EVAL_NAVIGATOR = Bundle(NAVIGATOR.groups + (ANSWERING,), build=navigator_options)
 
 
-# `lvr rl` trains the reasoning model in process; it takes the other roles, the tree, the prompt and
-# the protocol.
+# `lvr rl` trains the reasoning model in process; it takes the other roles (or --captions, the caption
+# files in place of a captioner), the tree, the prompt and the protocol.
 RL_PROMPT = Group(SamplingOptions, only=("system_prompt",), panel=AGENT_PANEL)
 RL_PROTOCOL = Group(AgentOptions, only=("protocol",), panel=AGENT_PANEL)
-RL_ROLES = Bundle((CAPTION_ROLE, CAPTION_SAMPLING, QA_ROLE, QA_SAMPLING, CONNECTION, RL_PROMPT, RL_PROTOCOL, TREE),
-                  build=lambda *groups: groups)
+RL_ROLES = Bundle((CAPTION_ROLE, CAPTION_SAMPLING, CAPTION_FILES, QA_ROLE, QA_SAMPLING, CONNECTION, RL_PROMPT,
+                   RL_PROTOCOL, TREE), build=lambda *groups: groups)
 
 
 def rl_navigator_options(roles: tuple, *, model: str, max_turns: int, max_invalid: int, max_tokens: int,
                          temperature: float, seed: int | None):
     """NavigatorOptions for `lvr rl`'s rollouts: the policy in process, the other roles as given."""
-    caption, caption_sampling, qa, qa_sampling, connection, prompt, protocol, tree = roles
+    caption, caption_sampling, files, qa, qa_sampling, connection, prompt, protocol, tree = roles
     return navigator_options(
         RoleOptions(backend="transformers", model=model), connection,
         SamplingOptions(max_tokens=max_tokens, temperature=temperature, seed=seed, system_prompt=prompt.system_prompt),
-        caption, caption_sampling, CaptionFiles(), qa, qa_sampling,
+        caption, caption_sampling, files, qa, qa_sampling,
         AgentOptions(max_rounds=max_turns, max_invalid=max_invalid, protocol=protocol.protocol), tree)
 
 

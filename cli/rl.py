@@ -59,10 +59,14 @@ def rl_command(
 
     Captions come from the shared caption store; name the captioner that made
     them with --caption-model (and give it an endpoint, --caption-base-url, to
-    caption nodes not yet stored). Defaults follow LongVideo-R1: group 16, lr
-    1e-6, KL coefficient 1e-4 (low-variance k3), temperature 1.0, 15 turns. DIR
-    loads into `lvr ask --backend transformers --model DIR`. Several GPUs:
-    --num-processes N (data parallel), or --accelerate-config with a config from
+    caption nodes not yet stored), or take every caption from the released
+    LongVideo-R1 caption files with --captions DIR, as the reference's RL does
+    (no captioner; an item whose video has no file is skipped, and a rollout
+    that reads a node its file lacks fails, named, and is not scored). Defaults
+    follow LongVideo-R1: group 16, lr 1e-6, KL coefficient 1e-4 (low-variance
+    k3), temperature 1.0, 15 turns. The -o folder loads into `lvr ask --backend
+    transformers --model FOLDER`. Several GPUs: --num-processes N (data
+    parallel), or --accelerate-config with a config from
     configs/accelerate/ (DeepSpeed ZeRO-3, several nodes); the command starts
     `accelerate launch` itself. Running it under `accelerate launch -m lvr.cli rl`
     works too.
@@ -85,6 +89,8 @@ def rl_command(
 
       lvr rl qa.jsonl --model navigator-sft --caption-model M --max-steps 2 --rollout-log rollouts.jsonl --dry-run
 
+      lvr rl rl_data.parquet --config configs/rl_longvideo_r1.yaml --video-dir cgbench/videos --captions cgbench/captions -o navigator-rl
+
       lvr ask movie.mp4 "Who opens the door?" --backend transformers --model navigator-rl --caption-model ./qwen2.5-vl-7b
     """
     from ..prep.cache import resolve_cache_dir
@@ -92,11 +98,16 @@ def rl_command(
     from ..train.launch import planned_processes
     from .model_options import rl_navigator_options
 
-    if not roles[0].model:
+    caption, files = roles[0], roles[2]
+    if not caption.model and files.captions is None:
         raise fail_usage("give --caption-model: the captioner whose captions are in the store (with "
-                         "--caption-base-url to caption nodes not stored yet)")
+                         "--caption-base-url to caption nodes not stored yet), or --captions DIR: the "
+                         "LongVideo-R1 caption files")
+    captions: dict = {}   # --captions: where they come from, once the folder is checked
 
     def make_settings() -> RlSettings:
+        if files.captions is not None:
+            captions.update(released_captions(files.captions))   # told before any model loads
         settings = RlSettings(qa=qa, output=str(output), video_dir=str(video_dir) if video_dir else None,
                               format=format, subtitles=not no_subtitles, temperature=sampling.temperature,
                               max_tokens=sampling.max_tokens, seed=sampling.seed, max_invalid=agent.max_invalid,
@@ -106,7 +117,8 @@ def rl_command(
 
     def data_summary(settings) -> dict:
         data = load_rl_data(settings)
-        return {"items": len(data.items), "videos": len({str(i.video) for i in data.items}), "skipped": data.errors}
+        return {"items": len(data.items), "videos": len({str(i.video) for i in data.items}), "skipped": data.errors,
+                **({"captions": captions} if captions else {})}
 
     def train(settings) -> dict:
         try:
@@ -119,3 +131,11 @@ def rl_command(
 
     run_trainer(launching(make_settings, launch, dry_run=dry_run), dry_run=dry_run, data_summary=data_summary,
                 train=train, summary=summary_line)
+
+
+def released_captions(folder: Path) -> dict:
+    """Where --captions DIR's captions come from (`ReleasedCaptioner.record`), after the checks `eval` makes of
+    the folder (ValueError, one line)."""
+    from ..prep.longvideo_r1 import checked_caption_folder, released_captions_record
+
+    return released_captions_record(*checked_caption_folder(folder))

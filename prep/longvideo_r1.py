@@ -613,6 +613,27 @@ def released_frame_settings(file_name: str) -> str:
     return CaptionKey.settings(source="longvideo-r1", file=file_name)
 
 
+def checked_caption_folder(folder: "str | os.PathLike") -> tuple[Path, str]:
+    """`--captions DIR` checked: the folder and the content hash of its caption files (ValueError,
+    one line naming the folder, when it is not a folder, holds no *.json or cannot be read)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--captions {folder}: not a folder")
+    files = list(folder.glob("*.json"))
+    if not files:
+        raise ValueError(f"--captions {folder}: no caption files (*.json) in it")
+    try:
+        return folder, folder_digest(files)
+    except OSError as e:
+        raise ValueError(f"--captions {folder}: cannot read {e.filename} ({e.strerror})") from None
+
+
+def released_captions_record(folder: Path, digest: str) -> dict:
+    """Where a run's captions came from, for its recorded settings: the folder and its content hash."""
+    return {"source": "longvideo-r1", "dir": str(folder), "sha256": digest, "model": RELEASED_CAPTIONS_MODEL,
+            "prompt_hash": f"imported:{digest[:16]}"}
+
+
 class ReleasedCaptioner(Captioner):
     """Captions from a folder of LongVideo-R1 caption files, one `<video stem>.json` per video: no model.
 
@@ -625,25 +646,15 @@ class ReleasedCaptioner(Captioner):
     reads_files = True
 
     def __init__(self, folder: "str | os.PathLike", store: CaptionStore, frames: FrameStore):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise ValueError(f"--captions {self.folder}: not a folder")
-        files = list(self.folder.glob("*.json"))
-        if not files:
-            raise ValueError(f"--captions {self.folder}: no caption files (*.json) in it")
-        try:
-            self.digest = folder_digest(files)
-        except OSError as e:
-            raise ValueError(f"--captions {self.folder}: cannot read {e.filename} ({e.strerror})") from None
+        self.folder, self.digest = checked_caption_folder(folder)
         super().__init__(NoModel(RELEASED_CAPTIONS_MODEL, "captions come from files"), store, frames,
                          CaptionOptions(use_subtitles=False), system_prompt="")
-        self.prompt_hash = f"imported:{self.digest[:16]}"
+        self.prompt_hash = self.record()["prompt_hash"]
         self._files: dict[str, Path] = {}   # a node record's path -> the caption file read for that video
 
     def record(self) -> dict:
         """Where the captions came from, for the recorded settings."""
-        return {"source": "longvideo-r1", "dir": str(self.folder), "sha256": self.digest,
-                "model": self.model.name, "prompt_hash": self.prompt_hash}
+        return released_captions_record(self.folder, self.digest)
 
     def key_for(self, node: dict) -> CaptionKey:
         file = self._files.get(str(node.get("path")))

@@ -396,13 +396,14 @@ class RolloutFunction:
         return stack, generator
 
     def preflight(self) -> None:
-        """Fail at once, naming the URL, when the captioner's (or video_qa's) endpoint cannot be reached."""
+        """Fail at once: naming the URL when the captioner's (or video_qa's) endpoint cannot be reached,
+        naming the folder when --captions holds no caption files."""
         from ..prep.caption_store import CaptionStoreError
         from ..prep.models.base import ModelError
 
         try:
             self.loop.run(self._preflight())
-        except (ModelError, CaptionStoreError) as e:
+        except (ModelError, CaptionStoreError, ValueError) as e:
             raise RlError(str(e)) from None
 
     async def _preflight(self) -> None:
@@ -422,9 +423,10 @@ class RolloutFunction:
                 try:
                     self.loop.run(self._navigator().tree(it.video))
                 except (VideoError, ValueError, OSError) as e:
-                    bad[key] = str(e)
+                    # A VideoError, or a video with no --captions file, names the video already.
+                    bad[key] = str(e) if str(e).startswith(f"{it.video}: ") else f"{it.video}: {e}"
             if key in bad:
-                data.errors.append(f"{it.key}: {it.video}: {bad[key]}")
+                data.errors.append(f"{it.key}: {bad[key]}")
             else:
                 keep.append(it)
         data.items = keep
@@ -802,6 +804,8 @@ def run_rl(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], N
     started = time.time()
     run = build_trainer(settings, nav, cache_dir, log=log)
     trainer, settings = run.trainer, run.settings
+    # The session's settings, as eval records them: with --captions, where the captions came from.
+    navigator = run.rollouts._navigator().settings(settings.subtitles)
     generation = "vLLM colocate" if trainer.use_vllm else "transformers"
     details = [f"group {settings.num_generations}", f"lr {settings.lr:g}", f"beta {settings.beta:g}",
                f"max turns {settings.max_turns}", f"reward {settings.reward}", f"generation {generation}"]
@@ -814,7 +818,6 @@ def run_rl(settings: RlSettings, nav, cache_dir: Path, *, log: Callable[[str], N
             trainer._lvr_log_file.close()
     curve = reward_curve(trainer.state.log_history)
     first_reward, last_reward = curve_ends(curve, "reward")
-    navigator = nav.settings(nav.prompts(), settings.subtitles)
     record = run_record(
         run, trained, schema=SCHEMA, tool=TOOL, started=started, head={"navigator": navigator},
         data={"path": run.data.path, "items": len(run.data.items), "skipped": run.data.errors},
