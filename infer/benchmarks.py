@@ -41,7 +41,7 @@ from typing import IO, Any, Sequence
 from ..prep.lettering import LETTERS, normalize_options, split_label, text_matches
 from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, answer_field, category_field, extra_field,
                             first_records, id_field, json_records, options_field, parquet_records, read_text,
-                            scalar_text, sniff_format, source_field, text_field)
+                            scalar_text, schema_field, sniff_format, source_field, text_field)
 
 __all__ = [
     "EVAL_FORMATS",
@@ -257,9 +257,7 @@ def detect_format(path: "str | Path") -> str:
 # ---------------------------------------------------------------- adapters
 
 def _native(col: Collector, where: str, rec: dict) -> None:
-    schema = rec.get("schema", NATIVE_SCHEMA)
-    if schema != NATIVE_SCHEMA:
-        raise RecordSkip(f"schema {schema!r} is not {NATIVE_SCHEMA!r}")
+    schema_field(rec, NATIVE_SCHEMA)
     video = text_field(rec, "video")
     qid = col.item_id(rec, ("id",), video)
     question = text_field(rec, "question")

@@ -38,7 +38,7 @@ from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 from ..prep.options import check_options, option
 from ..prep.records import (STDIO, Collector, RecordFileError, RecordSkip, extra_field, first_records,
                             interval_list, interval_pair, json_records, read_text, seconds_field, sniff_format,
-                            source_field, text_field)
+                            schema_field, source_field, text_field)
 from .protocol import QA, TASKS
 
 __all__ = [
@@ -167,9 +167,7 @@ def _targets(value: Any, key: str, duration: float | None) -> tuple[Interval, ..
 def native_record(col: Collector, where: str, rec: dict) -> None:
     """One ``lvr.grounding/1`` record into `col` (RecordSkip with the reason when it is unusable);
     `lvr.train.qa_items` reads the grounding records of a mixed training file with it too."""
-    schema = rec.get("schema", GROUNDING_SCHEMA)
-    if schema != GROUNDING_SCHEMA:
-        raise RecordSkip(f"schema {schema!r} is not {GROUNDING_SCHEMA!r}")
+    schema_field(rec, GROUNDING_SCHEMA)
     video = text_field(rec, "video")
     qid = col.item_id(rec, ("id",), video)
     query = text_field(rec, "query")

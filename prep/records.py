@@ -226,6 +226,15 @@ def category_field(value: Any, what: str = "category") -> str | None:
     return scalar_text(value, what).strip() or None
 
 
+def schema_field(rec: dict, *accepted: str) -> str:
+    """A native record's ``schema``: one of `accepted` (the first when absent), else RecordSkip."""
+    schema = rec.get("schema", accepted[0])
+    if schema not in accepted:
+        wanted = repr(accepted[0]) if len(accepted) == 1 else f"neither {' nor '.join(map(repr, accepted))}"
+        raise RecordSkip(f"schema {schema!r} is {'not ' if len(accepted) == 1 else ''}{wanted}")
+    return schema
+
+
 def source_field(rec: dict, default: str) -> str:
     """A record's ``source`` (where the item came from), `default` when absent."""
     source = rec.get("source", default)

@@ -40,7 +40,7 @@ from ..infer.grounding import GROUNDING_SCHEMA, GroundingItem, native_record
 from ..infer.protocol import GROUNDING, QA
 from ..prep.records import (STDIO, Collector, RecordSkip, answer_field, category_field, extra_field, interval_list, interval_pair,
                             json_records, options_field, parquet_records, read_text, sniff_format,
-                            source_field, text_field)
+                            schema_field, source_field, text_field)
 from .released_data import is_rl_row, rl_row
 
 __all__ = ["QA_FORMATS", "QA_SCHEMA", "QAFormatError", "QAItem", "TrainingItem", "load_qa_items",
@@ -113,9 +113,7 @@ def _clues(rec: dict, key: str) -> tuple[tuple[float, float], ...]:
 # ---------------------------------------------------------------- adapters
 
 def _native(col: Collector, where: str, rec: dict) -> None:
-    schema = rec.get("schema", QA_SCHEMA)
-    if schema not in (QA_SCHEMA, QUESTION_SCHEMA):
-        raise RecordSkip(f"schema {schema!r} is neither {QA_SCHEMA!r} nor {QUESTION_SCHEMA!r}")
+    schema_field(rec, QA_SCHEMA, QUESTION_SCHEMA)
     video = text_field(rec, "video")
     qid = col.item_id(rec, ("id",), video)
     question = text_field(rec, "question")
